@@ -1,0 +1,67 @@
+"""The one mapping from tunelab's config to Hugging Face ``TrainingArguments``.
+
+``MAPPED`` and ``TUNELAB_ONLY`` together name every ``train`` field; a test keeps that true when fields are added.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from tunelab.config.schema import TunelabConfig
+
+MAPPED = {
+    "output_dir", "learning_rate", "lr_scheduler_type", "weight_decay", "max_grad_norm", "num_train_epochs",
+    "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "warmup_ratio", "report_to",
+}
+TUNELAB_ONLY = {"stage", "resume", "stop_on_nonfinite_loss"}
+
+
+def training_arguments(config: TunelabConfig, *, dtype: str, has_validation: bool) -> Any:
+    from transformers import TrainingArguments
+
+    train = config.train
+    report_to = train.report_to
+    if report_to == "auto":
+        report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    eval_strategy = "no"
+    if has_validation:
+        eval_strategy = "steps" if train.eval_steps is not None else "epoch"
+    return TrainingArguments(
+        output_dir=train.output_dir,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_ratio,  # transformers 5 reads a float in [0, 1) as a ratio of total steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        eval_strategy=eval_strategy,
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        report_to=report_to,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        use_cpu=not _cuda_available(),
+        # Non-finite losses must reach our guard, not be averaged away by the logger.
+        logging_nan_inf_filter=False,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        disable_tqdm=True,  # tunelab draws its own bar with loss, lr and tokens/s
+        dataloader_num_workers=0,
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,93 @@
+"""Config -> records -> splits -> token examples: everything training needs from the data section."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.schema import DataConfig
+from tunelab.data.readers import load_records, write_rejects
+from tunelab.data.record import Record
+from tunelab.data.split import mix_sources, split_items
+from tunelab.data.template import Template
+from tunelab.data.tokenize import Example, TokenizeStats, tokenize_record
+from tunelab.errors import ConfigError
+
+
+@dataclass
+class RecordSplits:
+    train: list[Record]
+    validation: list[Record]
+    test: list[Record]
+    mix: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class TokenizedData:
+    train: list[Example]
+    validation: list[Example]
+    stats: dict[str, TokenizeStats]
+
+
+def load_splits(config: DataConfig) -> RecordSplits:
+    """Read every dataset, split each one by the same seed, and mix the training parts by weight.
+
+    Each source is split on its own so the test set holds every source in proportion, and weights shape only
+    what training sees (validation and test stay unweighted).
+    """
+    if not config.datasets:
+        raise ConfigError("data.datasets: no training data given; add at least one {path: FILE}")
+    parts: list[tuple[list[Record], float]] = []
+    validation: list[Record] = []
+    test: list[Record] = []
+    rejects: list[Any] = []
+    mix: list[dict[str, Any]] = []
+    for spec in config.datasets:
+        loaded = load_records(spec, config.on_bad_record)
+        rejects.extend(loaded.rejects)
+        splits = split_items(loaded.records, config.val_size, config.test_size, config.seed)
+        parts.append((splits.train, spec.weight))
+        validation.extend(splits.validation)
+        test.extend(splits.test)
+        mix.append({"path": spec.path, "format": loaded.format, "records": len(loaded.records),
+                    "rejected": len(loaded.rejects), "weight": spec.weight, "train_available": len(splits.train)})
+    train, counts = mix_sources(parts, config.seed)
+    for entry, count in zip(mix, counts, strict=True):
+        entry["train_used"] = count
+        entry["share"] = round(count / max(len(train), 1), 4)
+    return RecordSplits(train=train, validation=validation, test=test, mix=mix, rejects=rejects)
+
+
+def tokenize_splits(splits: RecordSplits, template: Template, tokenizer: Any, config: DataConfig) -> TokenizedData:
+    stats: dict[str, TokenizeStats] = {}
+    out: dict[str, list[Example]] = {}
+    for name, records in (("train", splits.train), ("validation", splits.validation)):
+        stat = TokenizeStats()
+        examples = []
+        for record in records:
+            example = tokenize_record(record, template, tokenizer, config.cutoff_len, config.train_on)
+            stat.add(example)
+            if example is not None:
+                examples.append(example)
+        stats[name] = stat
+        out[name] = examples
+    if splits.train and not out["train"]:
+        raise ConfigError("data.cutoff_len: every training sample lost all of its answer to truncation")
+    return TokenizedData(train=out["train"], validation=out["validation"], stats=stats)
+
+
+def write_records(path: Path, records: list[Record]) -> None:
+    """JSONL in OpenAI messages format (with each record's source), readable by every tunelab command."""
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps({**record.to_json(), "source": record.source}, ensure_ascii=False) + "\n")
+
+
+def write_split_files(run_dir: Path, splits: RecordSplits) -> None:
+    write_records(run_dir / "test.jsonl", splits.test)
+    write_records(run_dir / "validation.jsonl", splits.validation)
+    if splits.rejects:
+        write_rejects(run_dir / "rejects.jsonl", splits.rejects)

@@ -1,0 +1,13 @@
+"""Full fine-tuning: every weight trains."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunelab.config.schema import MethodConfig
+
+
+def apply_full(model: Any, config: MethodConfig) -> Any:
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model

@@ -1,0 +1,106 @@
+"""Trainer callbacks: metrics.jsonl, the progress bar, and a clean stop on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends one JSON object per logging event to ``metrics.jsonl``.
+
+    On resume, entries after the checkpoint's step (logged by the interrupted run) are dropped first, so the
+    file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.path.exists():
+            kept = [line for line in self.path.read_text("utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(line + "\n" for line in kept), "utf-8")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not logs or not state.is_world_process_zero:
+            return
+        entry = {"step": state.global_step, **logs, "time": round(time.time(), 3)}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+
+class ProgressBarCallback(TrainerCallback):
+    """A tqdm bar over optimizer steps showing loss, learning rate and real tokens per second (with ETA)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.start_tokens = 0
+        self.start_time = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)
+        self.start_tokens = state.num_input_tokens_seen
+        self.start_time = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.bar is None or not logs:
+            return
+        elapsed = max(time.perf_counter() - self.start_time, 1e-9)
+        postfix = {"tok/s": f"{(state.num_input_tokens_seen - self.start_tokens) / elapsed:.0f}"}
+        if "loss" in logs:
+            postfix["loss"] = f"{logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            postfix["lr"] = f"{logs['learning_rate']:.2e}"
+        if "eval_loss" in logs:
+            postfix["eval_loss"] = f"{logs['eval_loss']:.4f}"
+        self.bar.set_postfix(postfix)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class SignalCheckpointCallback(TrainerCallback):
+    """On SIGINT/SIGTERM, finish the current optimizer step, save a checkpoint and stop training.
+
+    The handler only sets a flag: saving from inside a signal handler could interrupt a half-written tensor.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second signal: give up waiting for the step to finish
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()

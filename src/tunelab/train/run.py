@@ -1,0 +1,137 @@
+"""The only glue: config -> model -> method -> data -> stage trainer -> train -> save -> (evaluate).
+
+Every step before ``trainer.train()`` is a plain function, so each can be tested and reused on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from tunelab.config.hf_args import training_arguments
+from tunelab.config.load import dump_config
+from tunelab.config.schema import TunelabConfig
+from tunelab.data.build import load_splits, tokenize_splits, write_split_files
+from tunelab.data.template import build_template
+from tunelab.models.load import load_model, load_tokenizer, resolve_dtype
+from tunelab.models.methods import apply_method, count_parameters
+from tunelab.report.loss_curve import plot_loss_curve
+from tunelab.stages import STAGES
+from tunelab.train.callbacks import MetricsFileCallback, ProgressBarCallback, SignalCheckpointCallback
+from tunelab.train.checkpoint import resolve_resume
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    summary: dict[str, Any]
+    interrupted_by: int | None = None
+    model: Any = None
+    """The trained model object (with adapters attached for LoRA/DoRA), for callers that continue in-process."""
+
+
+def run_training(config: TunelabConfig, console: Console | None = None) -> RunResult:
+    console = console or Console(stderr=True)
+    resume_from = resolve_resume(config.train)
+    dtype = resolve_dtype(config.model.dtype)
+    out = config.train.output_path
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(config.model)
+    template = build_template(config.data.template, tokenizer, config.data.custom_template)
+    splits = load_splits(config.data)
+    data = tokenize_splits(splits, template, tokenizer, config.data)
+    write_split_files(out, splits)
+    dump_config(config, out / "config.yaml")
+    describe_data(console, splits, data, template.name)
+
+    model = apply_method(load_model(config.model), config.method)
+    trainable, total = count_parameters(model)
+    console.print(f"[bold]model[/] {config.model.name_or_path} ({dtype}), method {config.method.name}: "
+                  f"{trainable:,} of {total:,} parameters train ({100 * trainable / max(total, 1):.2f}%)")
+
+    metrics_path = out / "metrics.jsonl"
+    signals = SignalCheckpointCallback()
+    trainer = STAGES[config.train.stage](
+        model=model,
+        tokenizer=tokenizer,
+        args=training_arguments(config, dtype=dtype, has_validation=bool(data.validation)),
+        train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in data.train],
+        eval_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in data.validation],
+        callbacks=[MetricsFileCallback(metrics_path), ProgressBarCallback(), signals],
+        stop_on_nonfinite_loss=config.train.stop_on_nonfinite_loss,
+    )
+    _drop_printer_callback(trainer)
+    if resume_from is not None:
+        console.print(f"resuming from {resume_from}")
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - started
+
+    summary = build_summary(trainer, wall, trainable, total, data.stats)
+    if signals.received is not None:
+        summary["interrupted_by_signal"] = signals.received
+        (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
+        return RunResult(out, summary, interrupted_by=signals.received, model=trainer.model)
+
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    plot_loss_curve(metrics_path, out / "loss_curve.png")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
+    return RunResult(out, summary, model=trainer.model)
+
+
+def describe_data(console: Console, splits: Any, data: Any, template_name: str) -> None:
+    console.print(f"[bold]data[/] template {template_name}; train {len(splits.train)}, validation "
+                  f"{len(splits.validation)}, test {len(splits.test)} records")
+    for entry in splits.mix:
+        console.print(f"  {entry['path']}: {entry['records']} records ({entry['format']}), {entry['rejected']} "
+                      f"rejected; weight {entry['weight']} -> {entry['train_used']} in training ({entry['share']:.1%})")
+    for name, stat in data.stats.items():
+        console.print(f"  {name}: {stat.describe()}")
+
+
+def build_summary(trainer: Any, wall: float, trainable: int, total: int, stats: dict[str, Any]) -> dict[str, Any]:
+    state = trainer.state
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    evals = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
+    tokens = int(state.num_input_tokens_seen)
+    summary: dict[str, Any] = {
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 4),
+        "tokens_seen": tokens,
+        "supervised_tokens_seen": trainer.supervised_tokens_seen,
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "final_eval_loss": evals[-1] if evals else None,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "peak_cpu_rss_mb": round(_peak_rss_mb(), 1),
+        "data": {name: stat.to_dict() for name, stat in stats.items()},
+    }
+    if torch.cuda.is_available():
+        summary["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        summary["peak_gpu_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    return summary
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _drop_printer_callback(trainer: Any) -> None:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)

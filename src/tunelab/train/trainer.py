@@ -1,0 +1,49 @@
+"""The one thin Trainer subclass: token accounting and a non-finite-loss guard; the stage supplies the loss."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.errors import RunError
+
+
+class TunelabTrainer(Trainer):
+    def __init__(self, *args: Any, stop_on_nonfinite_loss: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
+        self.supervised_tokens_seen = 0
+        self._count_restored = False
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if not self._count_restored:  # state (with log history) is loaded from a checkpoint inside train()
+            self.restore_token_count()
+            self._count_restored = True
+        labels = inputs.get("labels")
+        if labels is not None:
+            self.supervised_tokens_seen += int((labels[..., 1:] != IGNORE_INDEX).sum())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.stop_on_nonfinite_loss and not torch.isfinite(loss.detach()).all():
+            raise RunError(
+                f"training loss became {loss.item()} at step {self.state.global_step + 1}; lower "
+                "train.learning_rate, check the data, or set train.stop_on_nonfinite_loss=false to continue anyway"
+            )
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs or "eval_loss" not in logs:
+            logs["supervised_tokens"] = self.supervised_tokens_seen
+        if "loss" in logs and not math.isfinite(logs["loss"]) and self.stop_on_nonfinite_loss:
+            raise RunError(f"training loss became {logs['loss']} at step {self.state.global_step}")
+        super().log(logs, start_time)
+
+    def restore_token_count(self) -> None:
+        """After a resume, continue the supervised-token count from the last logged value."""
+        for entry in reversed(self.state.log_history):
+            if "supervised_tokens" in entry:
+                self.supervised_tokens_seen = int(entry["supervised_tokens"])
+                return

@@ -1,0 +1,78 @@
+"""After training: base vs fine-tuned (and few-shot, and the forgetting probe) on the held-out test split.
+
+Writes ``RUN/eval/{base,fewshot,finetuned}`` eval folders, ``RUN/eval/probe/*`` and the comparison report in
+``RUN/eval/report``.
+"""
+
+from __future__ import annotations
+
+import gc
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from tunelab.config.schema import TunelabConfig
+from tunelab.evaluate.fewshot import with_examples
+from tunelab.evaluate.generate import GenerationSettings, load_for_eval
+from tunelab.evaluate.run_eval import evaluate_model, read_test_records
+from tunelab.models.methods import ADAPTER_METHODS
+
+PROBE_RESOURCE = "general_probe.jsonl"
+
+
+def probe_path() -> Path:
+    return Path(str(resources.files("tunelab.resources").joinpath(PROBE_RESOURCE)))
+
+
+def evaluate_after_training(config: TunelabConfig, console: Console) -> dict[str, Any]:
+    from tunelab.evaluate.compare import compare_evals
+
+    run_dir = config.train.output_path
+    eval_dir = run_dir / "eval"
+    test_file = run_dir / "test.jsonl"
+    records = read_test_records(str(test_file), config.eval.max_samples)
+    settings = GenerationSettings(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+    probe = read_test_records(str(probe_path()), config.eval.probe_max_samples) if config.eval.forgetting_probe else []
+    cutoff = config.data.cutoff_len
+    how = {"template": config.data.template, "custom_template": config.data.custom_template,
+           "dtype": config.model.dtype, "trust_remote_code": config.model.trust_remote_code}
+
+    console.print(f"[bold]evaluating[/] on {len(records)} held-out test samples")
+    base = load_for_eval(config.model.name_or_path, label="base", **how)
+    dirs = [eval_dir / "base"]
+    evaluate_model(base, records, dirs[0], settings, cutoff_len=cutoff)
+    if config.eval.fewshot_k > 0:
+        train_pool = _training_pool(config)
+        shots = with_examples(records, train_pool, config.eval.fewshot_k, config.data.seed)
+        base.label = f"base {config.eval.fewshot_k}-shot"
+        dirs.append(eval_dir / "fewshot")
+        evaluate_model(base, shots, dirs[-1], settings, cutoff_len=cutoff * 2)
+    probe_dirs = []
+    if probe:
+        base.label = "base"
+        probe_dirs.append(eval_dir / "probe" / "base")
+        evaluate_model(base, probe, probe_dirs[-1], settings, cutoff_len=cutoff)
+    del base
+    gc.collect()
+
+    if config.method.name in ADAPTER_METHODS:
+        tuned = load_for_eval(config.model.name_or_path, str(run_dir), label="fine-tuned", **how)
+    else:
+        tuned = load_for_eval(str(run_dir), label="fine-tuned", **how)
+    dirs.append(eval_dir / "finetuned")
+    evaluate_model(tuned, records, dirs[-1], settings, cutoff_len=cutoff)
+    if probe:
+        probe_dirs.append(eval_dir / "probe" / "finetuned")
+        evaluate_model(tuned, probe, probe_dirs[-1], settings, cutoff_len=cutoff)
+    comparison = compare_evals(dirs, eval_dir / "report", probe_dirs=probe_dirs or None)
+    console.print(f"[bold]report[/]: {eval_dir / 'report' / 'comparison.md'} (and comparison.html)")
+    return comparison
+
+
+def _training_pool(config: TunelabConfig) -> list:
+    """Few-shot examples come from the training side of the split only, never from test."""
+    from tunelab.data.build import load_splits
+
+    return load_splits(config.data).train

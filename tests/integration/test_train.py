@@ -1,0 +1,113 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.config.load import load_config
+from tunelab.errors import RunError
+from tunelab.models.load import load_model
+from tunelab.train.run import run_training
+
+
+def config_for(model: Path, data: Path, out: Path, *extra: str):
+    return load_config(None, [
+        f"model.name_or_path={model}", f"data.datasets=[{{path: '{data}'}}]", f"train.output_dir={out}",
+        "train.logging_steps=1", "train.save_steps=1000", "train.report_to=none", "train.learning_rate=3e-3",
+        "train.per_device_train_batch_size=8", "train.lr_scheduler_type=constant", "method.lora.dropout=0.0",
+        *extra,
+    ])
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "lora", "dora"])
+def test_method_lowers_loss_and_updates_only_what_it_trains(tiny_model, arithmetic_file, tmp_path, method):
+    config = config_for(tiny_model, arithmetic_file, tmp_path / "run", f"method.name={method}", "train.max_steps=24",
+                        "method.freeze.trainable_layers=1", "method.lora.rank=8")
+    before = snapshot(load_model(config.model))
+    result = run_training(config)
+    curve = losses(result.output_dir)
+    assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.3, curve
+    changed = set()
+    for name, param in result.model.named_parameters():
+        plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if plain in before and not torch.equal(param.detach(), before[plain]):
+            changed.add(name)
+    trainable = {name for name, p in result.model.named_parameters() if p.requires_grad}
+    if method in ("lora", "dora"):
+        assert not changed, f"base weights changed under {method}: {sorted(changed)[:3]}"
+        assert trainable and all("lora_" in n for n in trainable)
+        lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+        assert all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: non-zero means it trained
+        assert (result.output_dir / "adapter_model.safetensors").is_file()
+    else:
+        assert changed == trainable
+        if method == "freeze":
+            assert all(".layers.1." in n for n in changed)
+        assert (result.output_dir / "model.safetensors").is_file()
+    for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "summary.json", "test.jsonl",
+                 "tokenizer_config.json"):
+        assert (result.output_dir / name).is_file(), name
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["supervised_tokens_seen"] > 0
+    assert summary["tokens_seen"] > summary["supervised_tokens_seen"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_model, arithmetic_file, tmp_path):
+    extra = ("method.name=lora", "method.lora.dropout=0.1", "train.max_steps=10", "train.save_steps=4",
+             "train.lr_scheduler_type=cosine", "train.warmup_ratio=0.2")
+    whole = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "a", *extra))
+    partial = tmp_path / "b"
+    partial.mkdir()
+    shutil.copytree(whole.output_dir / "checkpoint-4", partial / "checkpoint-4")
+    # the interrupted run had also logged steps 5 and 6 before it died
+    lines = (whole.output_dir / "metrics.jsonl").read_text().splitlines()[:6]
+    (partial / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run_training(config_for(tiny_model, arithmetic_file, partial, *extra, "train.resume=true"))
+    a, b = losses(whole.output_dir), losses(partial)
+    assert len(a) == len(b) == 10
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+
+
+def test_gradient_accumulation_matches_a_big_batch(tiny_model, arithmetic_file, tmp_path):
+    common = ("method.name=full", "train.max_steps=2", "train.learning_rate=1e-3", "data.cutoff_len=64")
+    big = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "big", *common,
+                                  "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=1"))
+    small = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "small", *common,
+                                    "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=8"))
+    for (name, p), (_, q) in zip(big.model.named_parameters(), small.model.named_parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-5), name
+    assert abs(losses(big.output_dir)[0] - losses(small.output_dir)[0]) < 1e-5
+
+
+def test_refuses_to_overwrite_and_needs_a_checkpoint_to_resume(tiny_model, arithmetic_file, tmp_path):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(RunError, match="is not empty; pass train.resume=true"):
+        run_training(config_for(tiny_model, arithmetic_file, out, "train.max_steps=1"))
+    with pytest.raises(RunError, match="no complete checkpoint-N folder"):
+        run_training(config_for(tiny_model, arithmetic_file, out, "train.max_steps=1", "train.resume=true"))
+
+
+def test_nonfinite_loss_stops_the_run(tiny_model, arithmetic_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "broken"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    shutil.copy(tiny_model / "tokenizer.json", broken)
+    shutil.copy(tiny_model / "tokenizer_config.json", broken)
+    with pytest.raises(RunError, match="training loss became nan at step 1"):
+        run_training(config_for(broken, arithmetic_file, tmp_path / "run", "train.max_steps=3", "method.name=full"))
