@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 
 from tunelab import __version__
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 
 console = Console(stderr=True)
+_N = TypeVar("_N", int, float)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,17 +37,39 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("-o", "--output", required=True, help="output JSONL file")
     tokenize.set_defaults(handler=cmd_data_tokenize)
 
-    evaluate = commands.add_parser("eval", help="generate on a test file and score the answers")
+    evaluate = commands.add_parser(
+        "eval", help="generate on a test file and score the answers",
+        description="Evaluate one model into the eval folder -o; or, with --base and/or --adapter NAME=PATH (or "
+                    "several --adapter), the base and each adapter into -o/base and -o/NAME with the base weights "
+                    "loaded once, compared in -o/report.")
     evaluate.add_argument("--model", required=True, help="base model: hub id or folder (or a full-tuning run folder)")
-    evaluate.add_argument("--adapter", help="LoRA adapter folder or LoRA run folder")
+    evaluate.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                          help="LoRA adapter folder or LoRA run folder (its config.yaml decides the template); "
+                               "repeat as NAME=PATH for one column each")
+    evaluate.add_argument("--base", action="store_true", help="add a column for the base model (adapters disabled)")
     evaluate.add_argument("--data", required=True, help="test file (any supported format)")
-    evaluate.add_argument("--template", help="prompt template (default: the run's, else the tokenizer's)")
-    evaluate.add_argument("-o", "--output", required=True, help="eval folder to write")
-    evaluate.add_argument("--label", help="column name in comparisons")
-    evaluate.add_argument("--max-new-tokens", type=int, default=256)
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--max-samples", type=int)
+    evaluate.add_argument("--template",
+                          help="prompt template for every column (default: each run's, else the tokenizer's)")
+    evaluate.add_argument("-o", "--output", required=True,
+                          help="eval folder to write; with columns, the folder that holds one per column and report/")
+    evaluate.add_argument("--label", help="column name in comparisons (single-model form only)")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    evaluate.add_argument("--temperature", type=_non_negative_float, default=0.0,
+                          help="0 (default) decodes greedily; above 0 samples at this temperature")
+    evaluate.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass (with --temperature)")
+    evaluate.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
+    evaluate.add_argument("--stop", action="append", default=[], metavar="STR",
+                          help="end an answer at this string (repeatable); the template's end of turn always does")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8)
+    evaluate.add_argument("--max-samples", type=_positive_int)
     evaluate.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    evaluate.add_argument("--embedding-model", metavar="PATH",
+                          help="local sentence-transformers folder: adds embedding_cosine to text answers")
+    evaluate.add_argument("--judge-url", help="OpenAI-compatible API base of an LLM judge, e.g. http://127.0.0.1:8000/v1")
+    evaluate.add_argument("--judge-model", help="model name the judge server expects")
+    evaluate.add_argument("--judge-key-env", metavar="ENV",
+                          help="environment variable holding the judge's API key (default OPENAI_API_KEY)")
+    evaluate.add_argument("--judge-rubric", metavar="FILE", help="rubric template (default: the bundled one)")
     evaluate.set_defaults(handler=cmd_eval)
 
     compare = commands.add_parser("compare", help="side-by-side report of several eval or run folders")
@@ -59,6 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="run the demo on a real model (hub id or folder) instead of a tiny one")
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = _number(int, text, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(float, text, "a number")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _number(float, text, "a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _number(kind: Callable[[str], _N], text: str, what: str) -> _N:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,16 +174,78 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tunelab.evaluate.generate import GenerationSettings, load_for_eval
-    from tunelab.evaluate.run_eval import evaluate_model, read_test_records
+    from tunelab.evaluate.generate import GenerationSettings, eval_columns, load_for_eval, split_adapter_argument
+    from tunelab.evaluate.run_eval import evaluate_columns, evaluate_model, read_test_records
 
+    # One unnamed --adapter (or none) without --base is the single-model form: -o is the eval folder itself.
+    single = not args.base and len(args.adapter) <= 1 and all(
+        split_adapter_argument(a)[0] is None for a in args.adapter)
+    if not single and args.label is not None:
+        raise ConfigError("--label: only for a single model; columns are named by --adapter NAME=PATH (and 'base')")
+    columns = None if single else eval_columns(args.adapter, args.base)
+    judge = _judge_config(args)
+    if args.temperature == 0 and args.top_p != 1.0:
+        console.print("note: --top-p applies only when sampling (--temperature above 0); decoding greedily")
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                  do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p,
+                                  stop=tuple(args.stop), seed=args.seed)
+    embedder = _embedding_scorer(args.embedding_model)
     records = read_test_records(args.data, args.max_samples)
-    loaded = load_for_eval(args.model, args.adapter, template=args.template, dtype=args.dtype, label=args.label)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    metrics = evaluate_model(loaded, records, Path(args.output), settings)
-    Console().print_json(data={"label": metrics["label"], "n": metrics["n"], "overall": metrics["overall"],
-                               "ref_loss": metrics["ref_loss"]})
+    out = Path(args.output)
+    if columns is None:
+        adapter = args.adapter[0] if args.adapter else None
+        loaded = load_for_eval(args.model, adapter, template=args.template, dtype=args.dtype, label=args.label)
+        results = [evaluate_model(loaded, records, out, settings, embedder=embedder, judge=judge)]
+        report = None
+    else:
+        results, report = evaluate_columns(args.model, columns, records, out, settings, template=args.template,
+                                           dtype=args.dtype, embedder=embedder, judge=judge, console=console)
+    shown = [{key: m[key] for key in ("label", "n", "overall", "ref_loss", "judge") if key in m} for m in results]
+    Console().print_json(data=shown[0] if single else shown)
+    if report is not None:
+        console.print(f"report: {report}")
     return 0
+
+
+def _embedding_scorer(path: str | None):
+    from tunelab.evaluate.metrics.embedding import load_embedding_scorer
+
+    if path is None:
+        return None
+    scorer, reason = load_embedding_scorer(path)
+    if scorer is None:
+        console.print(f"embedding_cosine left out: {reason}", markup=False, highlight=False, soft_wrap=True)
+    return scorer
+
+
+def _judge_config(args: argparse.Namespace):
+    """The judge from the --judge-* flags, checked (rubric included) before any model loads; ``None`` without one."""
+    from pydantic import ValidationError
+
+    from tunelab.evaluate.judge import JudgeConfig, load_rubric
+
+    given = {flag: value for flag, value in (("--judge-url", args.judge_url), ("--judge-model", args.judge_model),
+                                              ("--judge-key-env", args.judge_key_env),
+                                              ("--judge-rubric", args.judge_rubric)) if value is not None}
+    if not given:
+        return None
+    for flag in ("--judge-url", "--judge-model"):
+        if flag not in given:
+            raise ConfigError(f"{flag}: required with {', '.join(given)} (a judge needs --judge-url and --judge-model)")
+    fields = {"base_url": args.judge_url, "model": args.judge_model}
+    if args.judge_key_env is not None:
+        fields["api_key_env"] = args.judge_key_env
+    if args.judge_rubric is not None:
+        fields["rubric"] = args.judge_rubric
+    try:
+        judge = JudgeConfig(**fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        flag = {"base_url": "--judge-url", "model": "--judge-model", "api_key_env": "--judge-key-env",
+                "rubric": "--judge-rubric"}.get(str(error["loc"][0]), "--judge-*")
+        raise ConfigError(f"{flag}: {error['msg'].removeprefix('Value error, ')}") from None
+    load_rubric(judge.rubric)
+    return judge
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from rich.console import Console
 from tunelab.config.schema import TunelabConfig
 from tunelab.evaluate.fewshot import with_examples
 from tunelab.evaluate.generate import GenerationSettings, load_for_eval
+from tunelab.evaluate.metrics.select import infer_label_set
 from tunelab.evaluate.run_eval import evaluate_model, read_test_records
 from tunelab.models.methods import ADAPTER_METHODS
 
@@ -39,16 +40,19 @@ def evaluate_after_training(config: TunelabConfig, console: Console) -> dict[str
     how = {"template": config.data.template, "custom_template": config.data.custom_template,
            "dtype": config.model.dtype, "trust_remote_code": config.model.trust_remote_code}
 
+    train_pool = _training_pool(config)
+    # Label answers are recognised from the training answers too: a test split alone is often too small to
+    # show that "shoes" is one of six categories rather than free text.
+    label_set = infer_label_set([r.answer or "" for r in (*train_pool, *records)])
     console.print(f"[bold]evaluating[/] on {len(records)} held-out test samples")
     base = load_for_eval(config.model.name_or_path, label="base", **how)
     dirs = [eval_dir / "base"]
-    evaluate_model(base, records, dirs[0], settings, cutoff_len=cutoff)
+    evaluate_model(base, records, dirs[0], settings, cutoff_len=cutoff, label_set=label_set)
     if config.eval.fewshot_k > 0:
-        train_pool = _training_pool(config)
         shots = with_examples(records, train_pool, config.eval.fewshot_k, config.data.seed)
         base.label = f"base {config.eval.fewshot_k}-shot"
         dirs.append(eval_dir / "fewshot")
-        evaluate_model(base, shots, dirs[-1], settings, cutoff_len=cutoff * 2)
+        evaluate_model(base, shots, dirs[-1], settings, cutoff_len=cutoff * 2, label_set=label_set)
     probe_dirs = []
     if probe:
         base.label = "base"
@@ -62,7 +66,7 @@ def evaluate_after_training(config: TunelabConfig, console: Console) -> dict[str
     else:
         tuned = load_for_eval(str(run_dir), label="fine-tuned", **how)
     dirs.append(eval_dir / "finetuned")
-    evaluate_model(tuned, records, dirs[-1], settings, cutoff_len=cutoff)
+    evaluate_model(tuned, records, dirs[-1], settings, cutoff_len=cutoff, label_set=label_set)
     if probe:
         probe_dirs.append(eval_dir / "probe" / "finetuned")
         evaluate_model(tuned, probe, probe_dirs[-1], settings, cutoff_len=cutoff)

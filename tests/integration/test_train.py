@@ -13,7 +13,8 @@ from tunelab.train.run import run_training
 
 def config_for(model: Path, data: Path, out: Path, *extra: str):
     return load_config(None, [
-        f"model.name_or_path={model}", f"data.datasets=[{{path: '{data}'}}]", f"train.output_dir={out}",
+        f"model.name_or_path={model}", "model.dtype=fp32", f"data.datasets=[{{path: '{data}'}}]",
+        f"train.output_dir={out}",
         "train.logging_steps=1", "train.save_steps=1000", "train.report_to=none", "train.learning_rate=3e-3",
         "train.per_device_train_batch_size=8", "train.lr_scheduler_type=constant", "method.lora.dropout=0.0",
         *extra,
@@ -26,7 +27,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("method", ["full", "freeze", "lora", "dora"])
@@ -40,7 +41,7 @@ def test_method_lowers_loss_and_updates_only_what_it_trains(tiny_model, arithmet
     changed = set()
     for name, param in result.model.named_parameters():
         plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        if plain in before and not torch.equal(param.detach(), before[plain]):
+        if plain in before and not torch.equal(param.detach().cpu(), before[plain]):
             changed.add(name)
     trainable = {name for name, p in result.model.named_parameters() if p.requires_grad}
     if method in ("lora", "dora"):
@@ -85,7 +86,7 @@ def test_gradient_accumulation_matches_a_big_batch(tiny_model, arithmetic_file, 
     small = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "small", *common,
                                     "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=8"))
     for (name, p), (_, q) in zip(big.model.named_parameters(), small.model.named_parameters(), strict=True):
-        assert torch.allclose(p, q, atol=1e-5), name
+        assert torch.allclose(p.cpu(), q.cpu(), atol=1e-5), name
     assert abs(losses(big.output_dir)[0] - losses(small.output_dir)[0]) < 1e-5
 
 
@@ -111,3 +112,21 @@ def test_nonfinite_loss_stops_the_run(tiny_model, arithmetic_file, tmp_path):
     shutil.copy(tiny_model / "tokenizer_config.json", broken)
     with pytest.raises(RunError, match="training loss became nan at step 1"):
         run_training(config_for(broken, arithmetic_file, tmp_path / "run", "train.max_steps=3", "method.name=full"))
+
+
+def test_bf16_keeps_fp32_master_weights_for_trained_parameters(tiny_model, arithmetic_file, tmp_path):
+    result = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "run", "model.dtype=bf16",
+                                     "method.name=freeze", "method.freeze.trainable_layers=1", "train.max_steps=3"))
+    dtypes = {p.dtype for p in result.model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in result.model.parameters() if not p.requires_grad}
+    assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(x)) for x in losses(result.output_dir))
+
+
+def test_summary_reports_throughput(tiny_model, arithmetic_file, tmp_path):
+    result = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "run", "train.max_steps=6"))
+    summary = result.summary
+    assert summary["tokens_per_s"] > 0 and summary["steady_tokens_per_s"] > 0
+    assert 0 < summary["median_step_s"] <= summary["p90_step_s"]
+    assert summary["train_step_time_s"] <= summary["wall_time_s"]
+    assert summary["peak_cpu_rss_mb"] > 0

@@ -8,13 +8,13 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from loopback import JsonHandler, loopback_server
 from tunelab.errors import ConfigError, DataError
 from tunelab.evaluate import judge
 from tunelab.evaluate.judge import (
@@ -150,7 +150,7 @@ class FakeServer:
         return sum(token in r["body"]["messages"][0]["content"] for r in self.requests)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     def do_POST(self) -> None:  # the name http.server dispatches to
         fake: FakeServer = self.server.fake  # type: ignore[attr-defined]
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -167,33 +167,15 @@ class _Handler(BaseHTTPRequestHandler):
             }
         else:
             payload = {"error": {"message": text}}
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: object) -> None:  # the base class names it so
-        pass  # keep test output clean
+        self.send_json(status, payload)
 
 
 @pytest.fixture
 def fake_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeServer]:
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)  # 127.0.0.1 must not be sent through a proxy
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    fake = FakeServer(url=f"http://127.0.0.1:{server.server_address[1]}/v1")
-    server.fake = fake  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with loopback_server(_Handler, monkeypatch) as server:
+        fake = FakeServer(url=f"http://127.0.0.1:{server.server_address[1]}/v1")
+        server.fake = fake  # type: ignore[attr-defined]
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def _config(url: str, **overrides: Any) -> JudgeConfig:

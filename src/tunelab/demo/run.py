@@ -24,9 +24,9 @@ from tunelab.workflow import evaluate_after_training
 
 MARKER = ".tunelab-demo"
 DEMO_DATA = "demo_sft.jsonl"
-TINY_MODEL = {"hidden_size": 192, "num_layers": 3, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 512}
+TINY_MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 2, "intermediate_size": 682}
 TINY_TRAINING = [
-    "method.name=full", "train.learning_rate=3e-3", "train.num_train_epochs=8", "train.warmup_ratio=0.05",
+    "method.name=full", "train.learning_rate=2e-3", "train.num_train_epochs=12", "train.warmup_ratio=0.05",
     "train.per_device_train_batch_size=16", "train.weight_decay=0.01", "data.cutoff_len=256",
     "eval.max_new_tokens=64", "eval.batch_size=32", "eval.probe_max_samples=60",
 ]
@@ -61,7 +61,7 @@ def run_demo(workdir: Path, *, model: str | None = None, console: Console | None
                       "tokenizer on the bundled corpus")
         corpus = bundled("demo_corpus.txt").read_text("utf-8").splitlines()
         model = str(save_tiny(workdir / "tiny-model", corpus, vocab_size=3000, **TINY_MODEL))
-        console.print("method: full fine-tuning, lr 3e-3, 8 epochs: a randomly initialised model has to learn "
+        console.print("method: full fine-tuning, lr 2e-3, 12 epochs: a randomly initialised model has to learn "
                       "everything from the task data, which adapters on a frozen random base cannot do")
         training = TINY_TRAINING
     else:

@@ -1,5 +1,8 @@
 """Load a model (base, base + adapter, or a run folder) and generate answers in batches.
 
+Several adapters on one base share its weights (:class:`SharedBase`): the base is loaded once, every adapter is
+loaded beside it with peft, and one column is active at a time (an adapter, or the base with adapters disabled).
+
 Prompts are encoded by :func:`tunelab.data.tokenize.encode_prompt`, the same code that laid out training
 samples, so the fine-tuned model is asked exactly the way it was taught. Batches are left-padded so every row's
 answer starts right after its prompt, and ``generate`` uses the KV cache.
@@ -8,7 +11,9 @@ answer starts right after its prompt, and ``generate`` uses the KV cache.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +22,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from tunelab.config.schema import CustomTemplate, ModelConfig
+from tunelab.config.schema import CustomTemplate, Dtype, ModelConfig
 from tunelab.data.collate import PaddedCollator
 from tunelab.data.record import Record
 from tunelab.data.template import Template, build_template
 from tunelab.data.tokenize import IGNORE_INDEX, encode_prompt, tokenize_record
-from tunelab.errors import ModelError
+from tunelab.errors import ConfigError, ModelError
 from tunelab.models.load import load_model, load_tokenizer
 
 
@@ -44,6 +49,33 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    seed: int = 0
+    """Sampling seed; each batch is seeded with ``seed`` + the index of its first sample, so an evaluation resumed
+    at a batch boundary samples the same answers as an uninterrupted one."""
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as written to metrics.json (sampling fields only when sampling)."""
+        out: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                               "batch_size": self.batch_size, "stop": list(self.stop)}
+        if self.do_sample:
+            out.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+        return out
+
+
+@dataclass(frozen=True)
+class EvalColumn:
+    """One model of a multi-model evaluation: the base weights (``adapter is None``) or the base with one adapter.
+
+    ``name`` is the column's label and the name of its eval folder.
+    """
+
+    name: str
+    adapter: Path | None
+
+
+BASE_COLUMN = "base"
+REPORT_FOLDER = "report"
+_COLUMN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def resolve_adapter(path: str | None) -> Path | None:
@@ -56,6 +88,44 @@ def resolve_adapter(path: str | None) -> Path | None:
     raise ModelError(f"--adapter {path}: no adapter_config.json there (expected an adapter or a LoRA run folder)")
 
 
+def split_adapter_argument(text: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` -> ``(NAME, PATH)``; a plain ``PATH`` -> ``(None, PATH)``.
+
+    A folder that exists under the whole text stays a path, so ``--adapter lr=1e-3`` still means that folder.
+    """
+    name, sep, path = text.partition("=")
+    if sep and _COLUMN_NAME.fullmatch(name) and not Path(text).exists():
+        return name, path
+    return None, text
+
+
+def eval_columns(adapter_arguments: Sequence[str], base: bool) -> list[EvalColumn]:
+    """The columns of a multi-model evaluation: ``base`` first when asked, then one per ``--adapter [NAME=]PATH``.
+
+    An adapter without a name is named after its folder. Names become folder names, so they must be unique, plain
+    and neither ``base`` nor ``report``; every adapter folder is checked before any model loads.
+    """
+    columns = [EvalColumn(BASE_COLUMN, None)] if base else []
+    for text in adapter_arguments:
+        name, path = split_adapter_argument(text)
+        folder = resolve_adapter(path)
+        assert folder is not None
+        name = name if name is not None else folder.resolve().name
+        if not _COLUMN_NAME.fullmatch(name):
+            raise ConfigError(f"--adapter {text}: {name!r} cannot name a column folder; use --adapter NAME={path} "
+                              "with letters, digits, '_', '-' or '.'")
+        if name in (BASE_COLUMN, REPORT_FOLDER):
+            raise ConfigError(f"--adapter {text}: the name {name!r} is reserved (for --base and the report); "
+                              f"use --adapter NAME={path}")
+        if any(c.name == name for c in columns):
+            raise ConfigError(f"--adapter {text}: a second column named {name!r}; "
+                              "give each its own --adapter NAME=PATH")
+        columns.append(EvalColumn(name, folder))
+    if not columns:
+        raise ConfigError("--adapter/--base: nothing to evaluate; give --base, --adapter NAME=PATH, or both")
+    return columns
+
+
 def run_template_settings(folder: Path | None) -> tuple[str | None, CustomTemplate | None]:
     """The template a run trained with, read from its saved config.yaml (``(None, None)`` when absent)."""
     if folder is None or not (folder / "config.yaml").is_file():
@@ -66,32 +136,112 @@ def run_template_settings(folder: Path | None) -> tuple[str | None, CustomTempla
 
 
 def load_for_eval(
-    model_path: str, adapter: str | None = None, *, template: str | None = None, dtype: str = "auto",
+    model_path: str, adapter: str | None = None, *, template: str | None = None, dtype: Dtype = "auto",
     label: str | None = None, trust_remote_code: bool = False, custom_template: CustomTemplate | None = None,
 ) -> LoadedModel:
     adapter_dir = resolve_adapter(adapter)
     model_dir = Path(model_path)
     config = ModelConfig(name_or_path=model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    tokenizer_source = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file() else None
-    tokenizer = load_tokenizer(config if tokenizer_source is None else config.model_copy(
-        update={"name_or_path": str(tokenizer_source)}))
+    tokenizer = _load_column_tokenizer(config, adapter_dir)
     model = load_model(config)
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
-    run_name, custom = run_template_settings(adapter_dir or (model_dir if model_dir.is_dir() else None))
-    chosen = template if template is not None else run_name
-    custom = custom_template or custom
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        template=build_template(chosen, tokenizer, custom),
+        template=_column_template(template, custom_template, adapter_dir or _run_folder(model_path), tokenizer),
         label=label or (adapter_dir.name if adapter_dir else model_dir.name or model_path),
         model_path=model_path,
         adapter_path=str(adapter_dir) if adapter_dir else None,
     )
+
+
+def _run_folder(model_path: str) -> Path | None:
+    return Path(model_path) if Path(model_path).is_dir() else None
+
+
+def _load_column_tokenizer(config: ModelConfig, adapter_dir: Path | None) -> Any:
+    """The tokenizer saved with the adapter (a run folder saves the one it trained with), else the base's."""
+    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
+        return load_tokenizer(config.model_copy(update={"name_or_path": str(adapter_dir)}))
+    return load_tokenizer(config)
+
+
+def _column_template(
+    template: str | None, custom_template: CustomTemplate | None, run_folder: Path | None, tokenizer: Any
+) -> Template:
+    """``--template`` when given, else the template the run trained with (its config.yaml), else the tokenizer's."""
+    run_name, run_custom = run_template_settings(run_folder)
+    return build_template(template if template is not None else run_name, tokenizer, custom_template or run_custom)
+
+
+class SharedBase:
+    """One base model with several adapters loaded beside each other; :meth:`activate` switches between columns.
+
+    The base weights are loaded once: the first adapter wraps the model in a ``PeftModel``, the others are added with
+    ``load_adapter``. The base column runs with every adapter disabled (``disable_adapter``), which computes exactly
+    the base model's outputs. Each column keeps its own tokenizer and template (a run folder decides its own).
+    """
+
+    def __init__(
+        self, model_path: str, columns: Sequence[EvalColumn], *, template: str | None = None, dtype: Dtype = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
+        config = ModelConfig(name_or_path=model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        # Tokenizers and templates first: a bad template fails before the weights load.
+        self.columns = {c.name: self._column(c, config, template, model_path) for c in columns}
+        model = load_model(config)
+        self.adapter_names: dict[str, str] = {}
+        for column in columns:
+            if column.adapter is not None:
+                model = self._add_adapter(model, column)
+        model.eval()
+        self.model = model
+        for loaded in self.columns.values():
+            loaded.model = model
+
+    @staticmethod
+    def _column(column: EvalColumn, config: ModelConfig, template: str | None, model_path: str) -> LoadedModel:
+        tokenizer = _load_column_tokenizer(config, column.adapter)
+        return LoadedModel(
+            model=None,
+            tokenizer=tokenizer,
+            template=_column_template(template, None, column.adapter or _run_folder(model_path), tokenizer),
+            label=column.name,
+            model_path=model_path,
+            adapter_path=str(column.adapter) if column.adapter else None,
+        )
+
+    def _add_adapter(self, model: Any, column: EvalColumn) -> Any:
+        from peft import PeftModel
+
+        # peft keys modules by adapter name and forbids '.', so the user's name stays a label only.
+        peft_name = f"column_{len(self.adapter_names)}"
+        try:
+            if not self.adapter_names:
+                model = PeftModel.from_pretrained(model, str(column.adapter), adapter_name=peft_name)
+            else:
+                model.load_adapter(str(column.adapter), adapter_name=peft_name)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ModelError(f"--adapter {column.name}={column.adapter}: cannot load it onto the base model "
+                             f"(trained on another base?): {type(exc).__name__}: {exc}") from None
+        self.adapter_names[column.name] = peft_name
+        return model
+
+    @contextmanager
+    def activate(self, name: str) -> Iterator[LoadedModel]:
+        """The column ``name`` ready to generate: its adapter active, or every adapter disabled for the base."""
+        loaded = self.columns[name]
+        if loaded.adapter_path is None:
+            context = self.model.disable_adapter() if self.adapter_names else nullcontext()
+        else:
+            self.model.set_adapter(self.adapter_names[name])
+            context = nullcontext()
+        with context:
+            yield loaded
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -99,10 +249,10 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def stop_token_ids(loaded: LoadedModel) -> list[int]:
+def stop_token_ids(loaded: LoadedModel, extra_stops: Sequence[str] = ()) -> list[int]:
     """EOS plus every stop string that is a single token (e.g. <|im_end|>), so generation ends at the turn's end."""
     ids = {loaded.tokenizer.eos_token_id} if loaded.tokenizer.eos_token_id is not None else set()
-    for text in loaded.template.stop_strings:
+    for text in (*loaded.template.stop_strings, *extra_stops):
         encoded = loaded.tokenizer.encode(text, add_special_tokens=False)
         if len(encoded) == 1:
             ids.add(encoded[0])
@@ -116,13 +266,21 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 @torch.no_grad()
 def generate_answers(
-    loaded: LoadedModel, prompts: Sequence[Record], settings: GenerationSettings, *, desc: str = "generate"
+    loaded: LoadedModel, prompts: Sequence[Record], settings: GenerationSettings, *, desc: str = "generate",
+    first_index: int = 0,
 ) -> Iterator[tuple[int, str]]:
-    """Yield ``(index, answer)`` for each prompt record (its final answer, if any, is not shown to the model)."""
+    """Yield ``(index, answer)`` for each prompt record (its final answer, if any, is not shown to the model).
+
+    ``first_index`` is the position of ``prompts[0]`` in the whole test set (it seeds sampling batches).
+    """
     tokenizer = loaded.tokenizer
     model = loaded.model
     stops = tuple(settings.stop) + loaded.template.stop_strings
-    eos_ids = stop_token_ids(loaded)
+    eos_ids = stop_token_ids(loaded, settings.stop)
+    # Stop strings longer than one token end generation through transformers' StopStringCriteria; the answer is
+    # cut at the stop string below either way.
+    long_stops = [s for s in settings.stop if s and len(tokenizer.encode(s, add_special_tokens=False)) > 1]
+    stop_kwargs = {"stop_strings": long_stops, "tokenizer": tokenizer} if long_stops else {}
     collator = PaddedCollator(pad_token_id=tokenizer.pad_token_id, padding_side="left")
     device = next(model.parameters()).device
     bar = tqdm(total=len(prompts), desc=desc, unit="sample", dynamic_ncols=True)
@@ -130,6 +288,8 @@ def generate_answers(
     for batch in _batches(prompts, settings.batch_size):
         features = [{"input_ids": encode_prompt(loaded.template, tokenizer, r.system, r.prompt_turns)} for r in batch]
         inputs = collator(features)
+        if settings.do_sample:
+            torch.manual_seed(settings.seed + first_index + index)
         output = model.generate(
             input_ids=inputs["input_ids"].to(device),
             attention_mask=inputs["attention_mask"].to(device),
@@ -139,6 +299,7 @@ def generate_answers(
             top_p=settings.top_p if settings.do_sample else None,
             eos_token_id=eos_ids or None,
             pad_token_id=tokenizer.pad_token_id,
+            **stop_kwargs,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         for row in new_tokens:

@@ -55,7 +55,8 @@ def load_model(config: ModelConfig, path: str | None = None) -> Any:
         raise ModelError(f"cannot load a causal LM from {source!r}: {exc}") from None
 
 
-def check_attention(name: str) -> None:
+def check_attention(name: str | None) -> None:
+    """Fail before anything loads when the chosen attention kernel cannot run here."""
     if name == "flash_attention_2":
         import importlib.util
 

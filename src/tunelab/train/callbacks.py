@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -104,3 +106,61 @@ class SignalCheckpointCallback(TrainerCallback):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous.clear()
+
+
+class StepTimerCallback(TrainerCallback):
+    """Times each optimizer step (forward, backward, optimizer), excluding logging, evaluation and checkpoints.
+
+    On CUDA the clock is read after a synchronize, otherwise it would time kernel launches, not kernels.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._start = 0.0
+        self._tokens_at_warmup_end: int | None = None
+        self._tokens_end = 0
+        self._tokens_start: int | None = None
+
+    def _now(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._tokens_start = state.num_input_tokens_seen  # non-zero when resuming
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._start = self._now()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.durations.append(self._now() - self._start)
+        if len(self.durations) == self.WARMUP_STEPS:
+            self._tokens_at_warmup_end = state.num_input_tokens_seen
+        self._tokens_end = state.num_input_tokens_seen
+
+    @property
+    def _tokens_run(self) -> int:
+        return self._tokens_end - (self._tokens_start or 0)
+
+    def report(self) -> dict[str, Any]:
+        """Step-time statistics after warm-up; tokens/s over the timed steps only."""
+        steady = self.durations[self.WARMUP_STEPS :] or self.durations
+        if not steady:
+            return {}
+        if len(self.durations) > self.WARMUP_STEPS:
+            steady_tokens = self._tokens_end - (self._tokens_at_warmup_end or 0)
+        else:
+            steady_tokens = self._tokens_run
+        ordered = sorted(steady)
+        total = sum(self.durations)
+        return {
+            "train_step_time_s": round(total, 3),
+            "tokens_per_s": round(self._tokens_run / total, 2) if total > 0 else None,
+            "median_step_s": round(statistics.median(steady), 5),
+            "p90_step_s": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 5),
+            "steady_tokens_per_s": round(steady_tokens / sum(steady), 2) if sum(steady) > 0 else None,
+            "warmup_steps_excluded": min(self.WARMUP_STEPS, len(self.durations)) if len(steady) < len(
+                self.durations) else 0,
+        }

@@ -21,11 +21,16 @@ from tunelab.config.load import dump_config
 from tunelab.config.schema import TunelabConfig
 from tunelab.data.build import load_splits, tokenize_splits, write_split_files
 from tunelab.data.template import build_template
-from tunelab.models.load import load_model, load_tokenizer, resolve_dtype
-from tunelab.models.methods import apply_method, count_parameters
+from tunelab.models.load import check_attention, load_model, load_tokenizer, resolve_dtype
+from tunelab.models.methods import apply_method, count_parameters, keep_trainable_fp32
 from tunelab.report.loss_curve import plot_loss_curve
 from tunelab.stages import STAGES
-from tunelab.train.callbacks import MetricsFileCallback, ProgressBarCallback, SignalCheckpointCallback
+from tunelab.train.callbacks import (
+    MetricsFileCallback,
+    ProgressBarCallback,
+    SignalCheckpointCallback,
+    StepTimerCallback,
+)
 from tunelab.train.checkpoint import resolve_resume
 
 
@@ -38,10 +43,13 @@ class RunResult:
     """The trained model object (with adapters attached for LoRA/DoRA), for callers that continue in-process."""
 
 
-def run_training(config: TunelabConfig, console: Console | None = None) -> RunResult:
+def run_training(
+    config: TunelabConfig, console: Console | None = None, extra_callbacks: list[Any] | None = None
+) -> RunResult:
     console = console or Console(stderr=True)
     resume_from = resolve_resume(config.train)
     dtype = resolve_dtype(config.model.dtype)
+    check_attention(config.model.attn_implementation)
     out = config.train.output_path
     out.mkdir(parents=True, exist_ok=True)
 
@@ -53,20 +61,21 @@ def run_training(config: TunelabConfig, console: Console | None = None) -> RunRe
     dump_config(config, out / "config.yaml")
     describe_data(console, splits, data, template.name)
 
-    model = apply_method(load_model(config.model), config.method)
+    model = keep_trainable_fp32(apply_method(load_model(config.model), config.method))
     trainable, total = count_parameters(model)
     console.print(f"[bold]model[/] {config.model.name_or_path} ({dtype}), method {config.method.name}: "
                   f"{trainable:,} of {total:,} parameters train ({100 * trainable / max(total, 1):.2f}%)")
 
     metrics_path = out / "metrics.jsonl"
     signals = SignalCheckpointCallback()
+    timer = StepTimerCallback()
     trainer = STAGES[config.train.stage](
         model=model,
         tokenizer=tokenizer,
         args=training_arguments(config, dtype=dtype, has_validation=bool(data.validation)),
         train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in data.train],
         eval_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in data.validation],
-        callbacks=[MetricsFileCallback(metrics_path), ProgressBarCallback(), signals],
+        callbacks=[MetricsFileCallback(metrics_path), ProgressBarCallback(), signals, timer, *(extra_callbacks or [])],
         stop_on_nonfinite_loss=config.train.stop_on_nonfinite_loss,
     )
     _drop_printer_callback(trainer)
@@ -77,6 +86,7 @@ def run_training(config: TunelabConfig, console: Console | None = None) -> RunRe
     wall = time.perf_counter() - started
 
     summary = build_summary(trainer, wall, trainable, total, data.stats)
+    summary.update(timer.report())
     if signals.received is not None:
         summary["interrupted_by_signal"] = signals.received
         (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
@@ -110,7 +120,7 @@ def build_summary(trainer: Any, wall: float, trainable: int, total: int, stats: 
         "tokens_seen": tokens,
         "supervised_tokens_seen": trainer.supervised_tokens_seen,
         "wall_time_s": round(wall, 3),
-        "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
+        "tokens_per_s_wall": round(tokens / wall, 2) if wall > 0 else None,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "final_eval_loss": evals[-1] if evals else None,

@@ -16,8 +16,14 @@ class TunelabTrainer(Trainer):
     def __init__(self, *args: Any, stop_on_nonfinite_loss: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
-        self.supervised_tokens_seen = 0
+        self._restored_tokens = 0
+        self._new_tokens: torch.Tensor | None = None
         self._count_restored = False
+
+    @property
+    def supervised_tokens_seen(self) -> int:
+        new = int(self._new_tokens) if self._new_tokens is not None else 0
+        return self._restored_tokens + new
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         if not self._count_restored:  # state (with log history) is loaded from a checkpoint inside train()
@@ -25,25 +31,26 @@ class TunelabTrainer(Trainer):
             self._count_restored = True
         labels = inputs.get("labels")
         if labels is not None:
-            self.supervised_tokens_seen += int((labels[..., 1:] != IGNORE_INDEX).sum())
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.stop_on_nonfinite_loss and not torch.isfinite(loss.detach()).all():
-            raise RunError(
-                f"training loss became {loss.item()} at step {self.state.global_step + 1}; lower "
-                "train.learning_rate, check the data, or set train.stop_on_nonfinite_loss=false to continue anyway"
-            )
-        return loss
+            # Kept as a device tensor and read only when logging: reading it every step would stall the GPU.
+            count = (labels[..., 1:] != IGNORE_INDEX).sum()
+            self._new_tokens = count if self._new_tokens is None else self._new_tokens + count
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "eval_loss" not in logs:
             logs["supervised_tokens"] = self.supervised_tokens_seen
+        # Checked at each logging step (the logged loss averages every step since the last one, and a NaN or inf
+        # anywhere in it survives the average because logging_nan_inf_filter is off).
         if "loss" in logs and not math.isfinite(logs["loss"]) and self.stop_on_nonfinite_loss:
-            raise RunError(f"training loss became {logs['loss']} at step {self.state.global_step}")
+            raise RunError(
+                f"training loss became {logs['loss']} at step {self.state.global_step}; lower "
+                "train.learning_rate, check the data, or set train.stop_on_nonfinite_loss=false to continue anyway"
+            )
         super().log(logs, start_time)
 
     def restore_token_count(self) -> None:
         """After a resume, continue the supervised-token count from the last logged value."""
         for entry in reversed(self.state.log_history):
             if "supervised_tokens" in entry:
-                self.supervised_tokens_seen = int(entry["supervised_tokens"])
+                self._restored_tokens = int(entry["supervised_tokens"])
                 return
