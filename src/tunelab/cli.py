@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--temperature", type=_non_negative_float, default=0.0,
                           help="0 (default) decodes greedily; above 0 samples at this temperature")
     evaluate.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass (with --temperature)")
+    evaluate.add_argument("--answer-kind", choices=["auto", "json", "label", "text"], default="auto",
+                          help="score every answer as this kind (default: decided per sample from its reference)")
+    evaluate.add_argument("--exact-match", choices=["normalized", "strict"], default="normalized",
+                          help="normalized ignores whitespace runs, case and full/half-width forms (default)")
     evaluate.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
     evaluate.add_argument("--stop", action="append", default=[], metavar="STR",
                           help="end an answer at this string (repeatable); the template's end of turn always does")
@@ -175,6 +179,7 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.evaluate.generate import GenerationSettings, eval_columns, load_for_eval, split_adapter_argument
+    from tunelab.evaluate.metrics.score import scoring_options
     from tunelab.evaluate.run_eval import evaluate_columns, evaluate_model, read_test_records
 
     # One unnamed --adapter (or none) without --base is the single-model form: -o is the eval folder itself.
@@ -190,16 +195,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p,
                                   stop=tuple(args.stop), seed=args.seed)
     embedder = _embedding_scorer(args.embedding_model)
+    scoring = scoring_options(args.answer_kind, args.exact_match)
     records = read_test_records(args.data, args.max_samples)
     out = Path(args.output)
     if columns is None:
         adapter = args.adapter[0] if args.adapter else None
         loaded = load_for_eval(args.model, adapter, template=args.template, dtype=args.dtype, label=args.label)
-        results = [evaluate_model(loaded, records, out, settings, embedder=embedder, judge=judge)]
+        results = [evaluate_model(loaded, records, out, settings, embedder=embedder, judge=judge, scoring=scoring)]
         report = None
     else:
         results, report = evaluate_columns(args.model, columns, records, out, settings, template=args.template,
-                                           dtype=args.dtype, embedder=embedder, judge=judge, console=console)
+                                           dtype=args.dtype, embedder=embedder, judge=judge, console=console,
+                                           scoring=scoring)
     shown = [{key: m[key] for key in ("label", "n", "overall", "ref_loss", "judge") if key in m} for m in results]
     Console().print_json(data=shown[0] if single else shown)
     if report is not None:

@@ -16,6 +16,7 @@ from rich.console import Console
 from tunelab.config.schema import TunelabConfig
 from tunelab.evaluate.fewshot import with_examples
 from tunelab.evaluate.generate import GenerationSettings, load_for_eval
+from tunelab.evaluate.metrics.score import scoring_options
 from tunelab.evaluate.metrics.select import infer_label_set
 from tunelab.evaluate.run_eval import evaluate_model, read_test_records
 from tunelab.models.methods import ADAPTER_METHODS
@@ -47,12 +48,13 @@ def evaluate_after_training(config: TunelabConfig, console: Console) -> dict[str
     console.print(f"[bold]evaluating[/] on {len(records)} held-out test samples")
     base = load_for_eval(config.model.name_or_path, label="base", **how)
     dirs = [eval_dir / "base"]
-    evaluate_model(base, records, dirs[0], settings, cutoff_len=cutoff, label_set=label_set)
+    scoring = scoring_options(config.eval.answer_kind, config.eval.exact_match)
+    evaluate_model(base, records, dirs[0], settings, cutoff_len=cutoff, label_set=label_set, scoring=scoring)
     if config.eval.fewshot_k > 0:
         shots = with_examples(records, train_pool, config.eval.fewshot_k, config.data.seed)
         base.label = f"base {config.eval.fewshot_k}-shot"
         dirs.append(eval_dir / "fewshot")
-        evaluate_model(base, shots, dirs[-1], settings, cutoff_len=cutoff * 2, label_set=label_set)
+        evaluate_model(base, shots, dirs[-1], settings, cutoff_len=cutoff * 2, label_set=label_set, scoring=scoring)
     probe_dirs = []
     if probe:
         base.label = "base"
@@ -66,7 +68,7 @@ def evaluate_after_training(config: TunelabConfig, console: Console) -> dict[str
     else:
         tuned = load_for_eval(str(run_dir), label="fine-tuned", **how)
     dirs.append(eval_dir / "finetuned")
-    evaluate_model(tuned, records, dirs[-1], settings, cutoff_len=cutoff, label_set=label_set)
+    evaluate_model(tuned, records, dirs[-1], settings, cutoff_len=cutoff, label_set=label_set, scoring=scoring)
     if probe:
         probe_dirs.append(eval_dir / "probe" / "finetuned")
         evaluate_model(tuned, probe, probe_dirs[-1], settings, cutoff_len=cutoff)

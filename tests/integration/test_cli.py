@@ -91,10 +91,13 @@ def test_train_eval_compare_end_to_end(tmp_path, tiny_model, arithmetic_file):
 
     out = tmp_path / "ev"
     evaluated = tunelab("eval", "--model", str(tiny_model), "--adapter", str(run), "--data", str(run / "test.jsonl"),
-                        "-o", str(out), "--max-new-tokens", "6", "--label", "tuned")
+                        "-o", str(out), "--max-new-tokens", "6", "--label", "tuned", "--answer-kind", "label",
+                        "--exact-match", "strict")
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 8 and "exact_match" in metrics["overall"] and metrics["ref_loss"] > 0
+    assert metrics["scoring"] == {"answer_kind": "label", "exact_match": "strict"}
+    assert set(metrics["groups"]) == {"label"}
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert {"prompt", "reference", "prediction", "scores"} <= set(rows[0])
 

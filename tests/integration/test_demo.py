@@ -34,3 +34,16 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     with pytest.raises(RunError, match="was not made by tunelab demo"):
         demo.run_demo(tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_demo_on_a_given_model_uses_lora(tmp_path, monkeypatch, tiny_model):
+    monkeypatch.setattr(demo, "REAL_TRAINING", [
+        "method.name=lora", "method.lora.rank=4", "train.max_steps=4", "train.per_device_train_batch_size=8",
+        "data.cutoff_len=128", "eval.max_new_tokens=8", "eval.max_samples=8", "eval.probe_max_samples=4",
+    ])
+    buffer = io.StringIO()
+    assert demo.run_demo(tmp_path / "w", model=str(tiny_model), console=Console(file=buffer, width=200)) == 0
+    run = tmp_path / "w" / "run"
+    assert (run / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "w" / "tiny-model").exists()
+    assert "LoRA fine-tuning of" in buffer.getvalue()

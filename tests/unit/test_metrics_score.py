@@ -146,3 +146,18 @@ def test_summary_omits_absent_kinds_and_checks_lengths():
     assert list(summarize(samples, ["a"], ["a"])["groups"]) == ["text"]
     with pytest.raises(ValueError, match="1 scored samples for 2 references"):
         summarize(samples, ["a", "b"], ["a", "b"])
+
+
+def test_forced_kind_and_strict_exact_match():
+    from tunelab.evaluate.metrics.score import scoring_options
+
+    preds, refs = ["Positive ", "{\"a\": 1}"], ["positive", "{\"a\": 1}"]
+    auto = score_samples(preds, refs)
+    assert [s.kind for s in auto] == ["text", "json"]
+    forced = score_samples(preds, refs, kind="text")
+    assert [s.kind for s in forced] == ["text", "text"]
+    strict = scoring_options("auto", "strict")
+    loose = score_samples(preds, refs, label_set=set())
+    tight = score_samples(preds, refs, label_set=set(), whitespace=strict.whitespace, case=strict.case,
+                          width=strict.width)
+    assert loose[0].scores["exact_match"] == 1.0 and tight[0].scores["exact_match"] == 0.0

@@ -146,6 +146,12 @@ class EvalConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_samples: int | None = Field(None, ge=1)
     """Evaluate at most this many test samples (all when ``null``)."""
+    answer_kind: Literal["auto", "json", "label", "text"] = "auto"
+    """How answers are scored: ``auto`` decides per sample from its reference (JSON -> structured, a small repeated
+    label set -> classification, else text similarity); a kind scores every sample that way."""
+    exact_match: Literal["normalized", "strict"] = "normalized"
+    """``normalized`` ignores whitespace runs, case and full-width/half-width differences; ``strict`` compares
+    characters as they are."""
     fewshot_k: int = Field(3, ge=0)
     """Also evaluate the base model prompted with this many training examples (0 turns the baseline off)."""
     forgetting_probe: bool = True

@@ -35,7 +35,7 @@ from tunelab.evaluate.generate import (
 )
 from tunelab.evaluate.judge import JudgeConfig, Judgement, JudgeResult, judge_samples, load_rubric
 from tunelab.evaluate.metrics.embedding import EmbeddingScorer
-from tunelab.evaluate.metrics.score import score_samples, summarize
+from tunelab.evaluate.metrics.score import ScoringOptions, score_samples, summarize
 from tunelab.evaluate.metrics.select import infer_label_set
 
 ROW_FIELDS = ("index", "source", "prompt", "reference", "prediction")
@@ -55,7 +55,7 @@ def read_test_records(path: str, limit: int | None = None) -> list[Record]:
 def evaluate_model(
     loaded: LoadedModel, records: Sequence[Record], out_dir: Path, settings: GenerationSettings, *,
     cutoff_len: int = 2048, label_set: set[str] | None = None, embedder: EmbeddingScorer | None = None,
-    judge: JudgeConfig | None = None,
+    judge: JudgeConfig | None = None, scoring: ScoringOptions | None = None,
 ) -> dict[str, Any]:
     """Generate (continuing from any predictions already written), judge, score, and write metrics.json.
 
@@ -79,7 +79,9 @@ def evaluate_model(
     preds = [row["prediction"] for row in rows]
     if label_set is None:
         label_set = infer_label_set(refs)
-    samples = score_samples(preds, refs, label_set=label_set, embedder=embedder)
+    scoring = scoring or ScoringOptions()
+    samples = score_samples(preds, refs, label_set=label_set, embedder=embedder, kind=scoring.kind,
+                            whitespace=scoring.whitespace, case=scoring.case, width=scoring.width)
     if judge is not None:
         for row, sample in zip(rows, samples, strict=True):
             if row["judge"]["score"] is not None:
@@ -101,6 +103,8 @@ def evaluate_model(
         "ref_loss": ref_loss,
         "perplexity": perplexity,
         "generation": settings.describe(),
+        "scoring": {"answer_kind": scoring.kind,
+                    "exact_match": "normalized" if scoring.case else "strict"},
     }
     if judge_summary is not None:
         metrics["judge"] = judge_summary
@@ -112,7 +116,7 @@ def evaluate_columns(
     model_path: str, columns: Sequence[EvalColumn], records: Sequence[Record], out_dir: Path,
     settings: GenerationSettings, *, template: str | None = None, dtype: Dtype = "auto",
     trust_remote_code: bool = False, cutoff_len: int = 2048, embedder: EmbeddingScorer | None = None,
-    judge: JudgeConfig | None = None, console: Console | None = None,
+    judge: JudgeConfig | None = None, console: Console | None = None, scoring: ScoringOptions | None = None,
 ) -> tuple[list[dict[str, Any]], Path | None]:
     """Evaluate every column into ``out_dir/NAME`` with the base weights loaded once; with two or more columns,
     compare them into ``out_dir/report`` (the first column is the baseline).
@@ -129,7 +133,7 @@ def evaluate_columns(
     for column in columns:
         with shared.activate(column.name) as loaded:
             results.append(evaluate_model(loaded, records, out_dir / column.name, settings, cutoff_len=cutoff_len,
-                                          embedder=embedder, judge=judge))
+                                          embedder=embedder, judge=judge, scoring=scoring))
     if len(columns) < 2:
         return results, None
     from tunelab.evaluate.compare import compare_evals

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from tunelab.evaluate.metrics.bootstrap import bootstrap_ci
 from tunelab.evaluate.metrics.classification import classification_report
@@ -61,6 +61,22 @@ KIND_SCORERS: dict[AnswerKind, Callable[[str, str], dict[str, float]]] = {
 }
 
 
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How answers are scored: the kind (``auto`` decides per sample) and exact match's normalisation."""
+
+    kind: Literal["auto", "json", "label", "text"] = "auto"
+    whitespace: bool = True
+    case: bool = True
+    width: bool = True
+
+
+def scoring_options(kind: str = "auto", exact_match: str = "normalized") -> ScoringOptions:
+    """Options from the config's ``eval.answer_kind`` and ``eval.exact_match`` (or the matching CLI flags)."""
+    normalized = exact_match == "normalized"
+    return ScoringOptions(kind=kind, whitespace=normalized, case=normalized, width=normalized)  # type: ignore[arg-type]
+
+
 def score_samples(
     preds: Sequence[str],
     refs: Sequence[str],
@@ -70,16 +86,21 @@ def score_samples(
     whitespace: bool = True,
     case: bool = True,
     width: bool = True,
+    kind: Literal["auto", "json", "label", "text"] = "auto",
 ) -> list[SampleScores]:
     """Score every prediction against its reference.
 
     ``label_set``: ``None`` infers it from ``refs`` (:func:`~select.infer_label_set`); pass ``set()`` to treat no
     answer as a label. ``whitespace``, ``case``, ``width``: the :func:`normalize_text` options of ``exact_match``.
-    ``embedder``: adds ``embedding_cosine`` to text samples, encoded in one batch.
+    ``embedder``: adds ``embedding_cosine`` to text samples, encoded in one batch. ``kind``: score every sample as
+    that kind instead of deciding per sample (for a data set whose answer type the user knows).
     """
     _check_lengths(preds, refs)
-    labels = infer_label_set(refs) if label_set is None else label_set
-    kinds = [answer_kind(ref, labels) for ref in refs]
+    if kind == "auto":
+        labels = infer_label_set(refs) if label_set is None else label_set
+        kinds = [answer_kind(ref, labels) for ref in refs]
+    else:
+        kinds = [kind] * len(refs)
     all_scores = [
         {"exact_match": exact_match(pred, ref, whitespace=whitespace, case=case, width=width)}
         | KIND_SCORERS[kind](pred, ref)
