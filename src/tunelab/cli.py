@@ -181,6 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.evaluate.generate import GenerationSettings, eval_columns, load_for_eval, split_adapter_argument
     from tunelab.evaluate.metrics.score import scoring_options
     from tunelab.evaluate.run_eval import evaluate_columns, evaluate_model, read_test_records
+    from tunelab.workflow import embedding_scorer
 
     # One unnamed --adapter (or none) without --base is the single-model form: -o is the eval folder itself.
     single = not args.base and len(args.adapter) <= 1 and all(
@@ -194,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                   do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p,
                                   stop=tuple(args.stop), seed=args.seed)
-    embedder = _embedding_scorer(args.embedding_model)
+    embedder = embedding_scorer(args.embedding_model, console)
     scoring = scoring_options(args.answer_kind, args.exact_match)
     records = read_test_records(args.data, args.max_samples)
     out = Path(args.output)
@@ -212,17 +213,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if report is not None:
         console.print(f"report: {report}")
     return 0
-
-
-def _embedding_scorer(path: str | None):
-    from tunelab.evaluate.metrics.embedding import load_embedding_scorer
-
-    if path is None:
-        return None
-    scorer, reason = load_embedding_scorer(path)
-    if scorer is None:
-        console.print(f"embedding_cosine left out: {reason}", markup=False, highlight=False, soft_wrap=True)
-    return scorer
 
 
 def _judge_config(args: argparse.Namespace):

@@ -49,12 +49,15 @@ def evaluate_after_training(config: TunelabConfig, console: Console) -> dict[str
     base = load_for_eval(config.model.name_or_path, label="base", **how)
     dirs = [eval_dir / "base"]
     scoring = scoring_options(config.eval.answer_kind, config.eval.exact_match)
-    evaluate_model(base, records, dirs[0], settings, cutoff_len=cutoff, label_set=label_set, scoring=scoring)
+    embedder = embedding_scorer(config.eval.embedding_model, console)
+    evaluate_model(base, records, dirs[0], settings, cutoff_len=cutoff, label_set=label_set, scoring=scoring,
+                   embedder=embedder)
     if config.eval.fewshot_k > 0:
         shots = with_examples(records, train_pool, config.eval.fewshot_k, config.data.seed)
         base.label = f"base {config.eval.fewshot_k}-shot"
         dirs.append(eval_dir / "fewshot")
-        evaluate_model(base, shots, dirs[-1], settings, cutoff_len=cutoff * 2, label_set=label_set, scoring=scoring)
+        evaluate_model(base, shots, dirs[-1], settings, cutoff_len=cutoff * 2, label_set=label_set, scoring=scoring,
+                   embedder=embedder)
     probe_dirs = []
     if probe:
         base.label = "base"
@@ -68,13 +71,25 @@ def evaluate_after_training(config: TunelabConfig, console: Console) -> dict[str
     else:
         tuned = load_for_eval(str(run_dir), label="fine-tuned", **how)
     dirs.append(eval_dir / "finetuned")
-    evaluate_model(tuned, records, dirs[-1], settings, cutoff_len=cutoff, label_set=label_set, scoring=scoring)
+    evaluate_model(tuned, records, dirs[-1], settings, cutoff_len=cutoff, label_set=label_set, scoring=scoring,
+                   embedder=embedder)
     if probe:
         probe_dirs.append(eval_dir / "probe" / "finetuned")
         evaluate_model(tuned, probe, probe_dirs[-1], settings, cutoff_len=cutoff)
     comparison = compare_evals(dirs, eval_dir / "report", probe_dirs=probe_dirs or None)
     console.print(f"[bold]report[/]: {eval_dir / 'report' / 'comparison.md'} (and comparison.html)")
     return comparison
+
+
+def embedding_scorer(path: str | None, console: Console) -> Any:
+    from tunelab.evaluate.metrics.embedding import load_embedding_scorer
+
+    if path is None:
+        return None
+    scorer, reason = load_embedding_scorer(path)
+    if scorer is None:
+        console.print(f"embedding_cosine left out: {reason}", markup=False, highlight=False, soft_wrap=True)
+    return scorer
 
 
 def _training_pool(config: TunelabConfig) -> list:

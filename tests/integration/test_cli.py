@@ -80,8 +80,9 @@ def test_preview_and_tokenize(tmp_path, tiny_model, arithmetic_file):
 def test_train_eval_compare_end_to_end(tmp_path, tiny_model, arithmetic_file):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_model, arithmetic_file, run)
-    trained = tunelab("train", str(config), "eval.after_training=true")
+    trained = tunelab("train", str(config), "eval.after_training=true", f"eval.embedding_model={tmp_path / 'none'}")
     assert trained.returncode == 0, trained.stderr
+    assert "embedding_cosine left out" in trained.stderr
     for name in ("adapter_model.safetensors", "summary.json", "loss_curve.png", "eval/report/comparison.md",
                  "eval/report/comparison.html", "eval/base/predictions.jsonl", "eval/fewshot/metrics.json",
                  "eval/finetuned/metrics.json", "eval/probe/finetuned/metrics.json"):

@@ -130,3 +130,26 @@ def test_summary_reports_throughput(tiny_model, arithmetic_file, tmp_path):
     assert 0 < summary["median_step_s"] <= summary["p90_step_s"]
     assert summary["train_step_time_s"] <= summary["wall_time_s"]
     assert summary["peak_cpu_rss_mb"] > 0
+
+
+def test_skipped_records_go_to_rejects_and_test_split_is_never_trained_on(tiny_model, tmp_path):
+    from conftest import arithmetic_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(40))
+    with data.open("a", encoding="utf-8") as handle:
+        handle.write('{"instruction": "空的答案", "output": "  "}\nnot json at all\n')
+    result = run_training(config_for(tiny_model, data, tmp_path / "run", "train.max_steps=2",
+                                     "data.on_bad_record=skip", "data.test_size=5"))
+    rejects = [json.loads(line) for line in (result.output_dir / "rejects.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rejects] == [f"{data}:41", f"{data}:42"]
+    assert "empty answer" in rejects[0]["reason"] and "invalid JSON" in rejects[1]["reason"]
+    assert json.loads((result.output_dir / "summary.json").read_text())["data"]["train"]["samples"] == 35
+
+    from tunelab.data.build import load_splits
+
+    splits = load_splits(load_config(result.output_dir / "config.yaml").data)
+    test_sources = {r.source for r in splits.test}
+    written = {json.loads(line)["source"] for line in (result.output_dir / "test.jsonl").read_text().splitlines()}
+    assert written == test_sources and len(test_sources) == 5
+    assert not test_sources & {r.source for r in splits.train} and not test_sources & {r.source for r in
+                                                                                         splits.validation}

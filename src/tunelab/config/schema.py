@@ -152,6 +152,9 @@ class EvalConfig(Section):
     exact_match: Literal["normalized", "strict"] = "normalized"
     """``normalized`` ignores whitespace runs, case and full-width/half-width differences; ``strict`` compares
     characters as they are."""
+    embedding_model: str | None = None
+    """A local sentence-transformers folder: adds ``embedding_cosine`` for text answers (left out, with the reason
+    printed, when it cannot be loaded; never downloaded)."""
     fewshot_k: int = Field(3, ge=0)
     """Also evaluate the base model prompted with this many training examples (0 turns the baseline off)."""
     forgetting_probe: bool = True
