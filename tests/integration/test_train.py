@@ -153,3 +153,18 @@ def test_skipped_records_go_to_rejects_and_test_split_is_never_trained_on(tiny_m
     assert written == test_sources and len(test_sources) == 5
     assert not test_sources & {r.source for r in splits.train} and not test_sources & {r.source for r in
                                                                                          splits.validation}
+
+
+def test_bf16_full_tuning_saves_bf16_weights(tiny_model, arithmetic_file, tmp_path):
+    from safetensors import safe_open
+
+    result = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "run", "model.dtype=bf16",
+                                     "method.name=full", "train.max_steps=2", "train.save_steps=2"))
+    with safe_open(result.output_dir / "model.safetensors", "pt") as final:
+        assert {final.get_tensor(k).dtype for k in final.keys()} == {torch.bfloat16}
+    with safe_open(result.output_dir / "checkpoint-2" / "model.safetensors", "pt") as checkpoint:
+        assert {checkpoint.get_tensor(k).dtype for k in checkpoint.keys()} == {torch.float32}
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    assert torch.equal(reloaded.lm_head.weight, reloaded.model.embed_tokens.weight)  # ties survive the re-save

@@ -92,11 +92,25 @@ def run_training(
         (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
         return RunResult(out, summary, interrupted_by=signals.received, model=trainer.model)
 
-    trainer.save_model(str(out))
+    save_final_model(trainer, out, dtype)
     tokenizer.save_pretrained(str(out))
     plot_loss_curve(metrics_path, out / "loss_curve.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
     return RunResult(out, summary, model=trainer.model)
+
+
+def save_final_model(trainer: Any, out: Path, dtype: str) -> None:
+    """The final weights in the precision they were loaded in.
+
+    Trained weights were kept in fp32 for the optimizer (see keep_trainable_fp32); the artefact a user serves
+    goes back to bf16, so it is not twice the size of the base. Checkpoints keep fp32 for an exact resume.
+    """
+    model = trainer.model
+    if dtype != "bf16" or hasattr(model, "peft_config"):
+        trainer.save_model(str(out))
+        return
+    state = {name: t.to(torch.bfloat16) if t.is_floating_point() else t for name, t in model.state_dict().items()}
+    model.save_pretrained(str(out), state_dict=state)
 
 
 def describe_data(console: Console, splits: Any, data: Any, template_name: str) -> None:
