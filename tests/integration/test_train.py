@@ -161,9 +161,9 @@ def test_bf16_full_tuning_saves_bf16_weights(tiny_model, arithmetic_file, tmp_pa
     result = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "run", "model.dtype=bf16",
                                      "method.name=full", "train.max_steps=2", "train.save_steps=2"))
     with safe_open(result.output_dir / "model.safetensors", "pt") as final:
-        assert {final.get_tensor(k).dtype for k in final.keys()} == {torch.bfloat16}
+        assert {final.get_tensor(k).dtype for k in final.keys()} == {torch.bfloat16}  # noqa: SIM118 (safe_open is not iterable)
     with safe_open(result.output_dir / "checkpoint-2" / "model.safetensors", "pt") as checkpoint:
-        assert {checkpoint.get_tensor(k).dtype for k in checkpoint.keys()} == {torch.float32}
+        assert {checkpoint.get_tensor(k).dtype for k in checkpoint.keys()} == {torch.float32}  # noqa: SIM118
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir)
