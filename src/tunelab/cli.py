@@ -129,7 +129,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tunelab.train.run import run_training
+    from tunelab.train.run import is_main_process, run_training
     from tunelab.workflow import evaluate_after_training
 
     config = _load(args)
@@ -139,6 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       f"{result.output_dir}. Continue with: tunelab train {args.config} train.resume=true[/]")
         return 128 + result.interrupted_by
     s = result.summary
+    if not is_main_process():
+        return 0
     console.print(f"[green]done[/]: {s['steps']} steps, loss {s['first_loss']} -> {s['final_loss']}, "
                   f"{s['tokens_per_s']} tokens/s; run folder {result.output_dir}")
     if config.eval.after_training:

@@ -128,3 +128,19 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model, ar
     resumed = tunelab("train", str(config), "train.resume=true", f"train.max_steps={stopped_at + 2}")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run / "summary.json").read_text())["steps"] == stopped_at + 2
+
+
+def test_two_process_ddp_on_cpu(tmp_path, tiny_model, arithmetic_file):
+    """torchrun (or accelerate launch) runs the same command on every rank; rank 0 alone writes the run files."""
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", tiny_model, arithmetic_file, run)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "-m", "tunelab.cli", "train", str(config), "train.max_steps=3"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert summary["data"]["train"]["samples"] == 84 and (run / "adapter_model.safetensors").is_file()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logged if "loss" in e] == [1, 2, 3]  # written once, by rank 0

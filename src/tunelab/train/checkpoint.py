@@ -27,11 +27,11 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def resolve_resume(config: TrainConfig) -> Path | None:
+def resolve_resume(config: TrainConfig, check_empty: bool = True) -> Path | None:
     """The checkpoint to resume from, or ``None`` for a fresh run; refuses to overwrite a used output_dir."""
     output_dir = config.output_path
     if config.resume is False:
-        if output_dir.exists() and any(output_dir.iterdir()):
+        if check_empty and output_dir.exists() and any(output_dir.iterdir()):
             raise RunError(
                 f"train.output_dir {output_dir} is not empty; pass train.resume=true to continue its latest "
                 "checkpoint, or choose another train.output_dir"

@@ -6,6 +6,7 @@ Every step before ``trainer.train()`` is a plain function, so each can be tested
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -47,7 +48,10 @@ def run_training(
     config: TunelabConfig, console: Console | None = None, extra_callbacks: list[Any] | None = None
 ) -> RunResult:
     console = console or Console(stderr=True)
-    resume_from = resolve_resume(config.train)
+    main = is_main_process()
+    # Under torchrun/accelerate every rank runs this; only rank 0 may judge the output folder (another rank could
+    # see files rank 0 has just written) and write the run's files.
+    resume_from = resolve_resume(config.train, check_empty=main)
     dtype = resolve_dtype(config.model.dtype)
     check_attention(config.model.attn_implementation)
     out = config.train.output_path
@@ -57,8 +61,9 @@ def run_training(
     template = build_template(config.data.template, tokenizer, config.data.custom_template)
     splits = load_splits(config.data)
     data = tokenize_splits(splits, template, tokenizer, config.data)
-    write_split_files(out, splits)
-    dump_config(config, out / "config.yaml")
+    if main:
+        write_split_files(out, splits)
+        dump_config(config, out / "config.yaml")
     describe_data(console, splits, data, template.name)
 
     model = keep_trainable_fp32(apply_method(load_model(config.model), config.method))
@@ -89,14 +94,21 @@ def run_training(
     summary.update(timer.report())
     if signals.received is not None:
         summary["interrupted_by_signal"] = signals.received
-        (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
+        if main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
         return RunResult(out, summary, interrupted_by=signals.received, model=trainer.model)
 
     save_final_model(trainer, out, dtype)
     tokenizer.save_pretrained(str(out))
-    plot_loss_curve(metrics_path, out / "loss_curve.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
+    if main:
+        plot_loss_curve(metrics_path, out / "loss_curve.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
     return RunResult(out, summary, model=trainer.model)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch, or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def save_final_model(trainer: Any, out: Path, dtype: str) -> None:
@@ -110,7 +122,7 @@ def save_final_model(trainer: Any, out: Path, dtype: str) -> None:
         trainer.save_model(str(out))
         return
     state = {name: t.to(torch.bfloat16) if t.is_floating_point() else t for name, t in model.state_dict().items()}
-    model.save_pretrained(str(out), state_dict=state)
+    model.save_pretrained(str(out), state_dict=state, is_main_process=trainer.args.should_save)
 
 
 def describe_data(console: Console, splits: Any, data: Any, template_name: str) -> None:
