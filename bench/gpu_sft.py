@@ -5,7 +5,10 @@ default), a tokenizer trained on the bundled corpus, and a mixed-length zh/en da
 for each setting in turn and prints one table. A plain Hugging Face `Trainer` on the same model and data (same
 batches, padded per batch) runs as the baseline in the same process, so the ratio column compares like with like.
 
-    python bench/gpu_sft.py [--shape qwen2.5-0.5b|tiny] [--steps 30] [--out bench/out]
+    python bench/gpu_sft.py [--shape qwen2.5-0.5b|tiny] [--steps 30] [--batching padded,padding_free] [--out bench/out]
+
+``--batching`` takes one or more of padded, padding_free, packed, length_grouped (comma-separated); each becomes
+its own tunelab row, run in rotation with the plain Trainer.
 
 MFU counts 6·N FLOPs per token for full fine-tuning and 4·N for LoRA (no weight gradients for the frozen base),
 plus the attention term 12·L·h·s per token (Kaplan et al. / PaLM appendix B), against the dense bf16 peak given by
@@ -66,7 +69,8 @@ def flops_per_token(model_dir: Path, method: str, seq: float) -> float:
     return (6 if method == "full" else 4) * params + attention
 
 
-def run_tunelab(model: Path, data: Path, out: Path, method: str, steps: int, batch: int, cutoff: int) -> dict:
+def run_tunelab(model: Path, data: Path, out: Path, method: str, steps: int, batch: int, cutoff: int,
+                batching: str = "padding_free") -> dict:
     from tunelab.config.load import load_config
     from tunelab.train.run import run_training
 
@@ -75,7 +79,7 @@ def run_tunelab(model: Path, data: Path, out: Path, method: str, steps: int, bat
         f"data.cutoff_len={cutoff}", f"method.name={method}", "method.lora.rank=16", "method.lora.alpha=32",
         f"train.output_dir={out}", f"train.max_steps={steps}", f"train.per_device_train_batch_size={batch}",
         "train.logging_steps=5", "train.save_steps=100000", "train.report_to=none", "train.lr_scheduler_type=constant",
-        f"train.learning_rate={2e-4 if method != 'full' else 1e-5}",
+        f"train.learning_rate={2e-4 if method != 'full' else 1e-5}", f"data.batching={batching}",
     ])
     _reset_peak()
     result = run_training(config)
@@ -136,6 +140,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batching", default="padding_free",
+                        help="tunelab batch layouts to measure, comma-separated (padded, padding_free, packed, ...)")
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--dry-run", action="store_true", help="run on CPU to check the script itself")
     args = parser.parse_args()
@@ -149,28 +155,34 @@ def main() -> None:
     for method in args.methods.split(","):
         # Warm-up (CUDA context, cuBLAS heuristics) outside the measurement, then A B / B A so drift hits both.
         run_plain_trainer(model, data, out / f"warmup-{method}", method, 4, args.batch, args.cutoff)
-        runs: dict[str, list[dict]] = {"tunelab": [], "plain HF Trainer": []}
+        layouts = args.batching.split(",")
+        tools = [f"tunelab ({layout})" for layout in layouts] + ["plain HF Trainer"]
+        runs: dict[str, list[dict]] = {tool: [] for tool in tools}
         for rep in range(args.repeats):
-            order = ("tunelab", "plain HF Trainer") if rep % 2 == 0 else ("plain HF Trainer", "tunelab")
+            order = tools if rep % 2 == 0 else tools[::-1]
             for tool in order:
-                if tool == "tunelab":
-                    runs[tool].append(run_tunelab(model, data, out / f"tunelab-{method}-{rep}", method, args.steps,
-                                                  args.batch, args.cutoff))
-                else:
+                if tool == "plain HF Trainer":
                     runs[tool].append(run_plain_trainer(model, data, out / f"plain-{method}-{rep}", method,
                                                         args.steps, args.batch, args.cutoff))
-        first = runs["tunelab"][0]
-        seq = first["tokens_seen"] / max(first["steps"] * args.batch, 1)
-        flops = flops_per_token(model, method, seq)
+                else:
+                    layout = tool[len("tunelab ("):-1]
+                    runs[tool].append(run_tunelab(model, data, out / f"tunelab-{layout}-{method}-{rep}", method,
+                                                  args.steps, args.batch, args.cutoff, layout))
         speed = {tool: sum(r["steady_tokens_per_s"] for r in rs) / len(rs) for tool, rs in runs.items()}
         for tool, rs in runs.items():
-            rows.append({"method": method, "tool": tool, "steady_tokens_per_s": round(speed[tool], 1),
-                         "each_run": [r["steady_tokens_per_s"] for r in rs],
-                         "median_step_s": [r["median_step_s"] for r in rs],
-                         "peak_gpu_mb": round(max(r.get("peak_gpu_allocated_mb", 0.0) for r in rs), 1),
-                         "mfu": round(speed[tool] * flops / (args.peak_tflops * 1e12), 4),
-                         "mean_tokens_per_sample": round(seq, 1)})
-        rows[-2]["ratio_vs_plain"] = round(speed["tunelab"] / speed["plain HF Trainer"], 3)
+            first = rs[0]
+            # tunelab's own meter: Σ lᵢ² per real token is the attention context its batches really computed
+            seq = first.get("mean_attention_context") or first["tokens_seen"] / max(first["steps"] * args.batch, 1)
+            row = {"method": method, "tool": tool, "steady_tokens_per_s": round(speed[tool], 1),
+                   "each_run": [r["steady_tokens_per_s"] for r in rs],
+                   "median_step_s": [r["median_step_s"] for r in rs],
+                   "peak_gpu_mb": round(max(r.get("peak_gpu_allocated_mb", 0.0) for r in rs), 1),
+                   "mfu": round(speed[tool] * flops_per_token(model, method, seq) / (args.peak_tflops * 1e12), 4),
+                   "attention_context": round(seq, 1)}
+            if tool != "plain HF Trainer":
+                row["ratio_vs_plain"] = round(speed[tool] / speed["plain HF Trainer"], 3)
+                row["padding_efficiency"] = first.get("padding_efficiency")
+            rows.append(row)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print("RESULTS " + json.dumps({"device": device, "torch": torch.__version__,
                                    "shape": args.shape, "rows": rows}))

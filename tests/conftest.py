@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
+from tunelab.config.load import load_config
 from tunelab.demo.tiny import save_tiny
+from tunelab.train.run import run_training
 
 ZH_EN = [
     "帮我把红色的卫衣加入购物车，要L码。",
@@ -66,3 +69,22 @@ def tokenizer(tiny_model: Path):
 @pytest.fixture
 def arithmetic_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "arith.jsonl", arithmetic_rows(96))
+
+
+def shared_lora_run(tiny_model: Path, factory: pytest.TempPathFactory) -> Path:
+    """The LoRA run that test_chat, test_export and test_serve share: the same folder and config in all three, so
+    it is trained once per session. Named chatml template; after 30 steps it answers arithmetic with digits."""
+    root = factory.getbasetemp() / "ship-lora"
+    run = root / "run"
+    if (run / "adapter_model.safetensors").is_file():
+        return run
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    data = write_jsonl(root / "train.jsonl", arithmetic_rows(48))
+    config = load_config(None, [
+        f"model.name_or_path={tiny_model}", "model.dtype=fp32", f"data.datasets=[{{path: '{data}'}}]",
+        f"train.output_dir={run}", "data.template=chatml", "train.learning_rate=1e-2", "method.name=lora",
+        "method.lora.rank=4", "method.lora.dropout=0.0", "train.max_steps=30", "train.per_device_train_batch_size=8",
+        "train.report_to=none", "train.save_steps=1000",
+    ])
+    return run_training(config).output_dir

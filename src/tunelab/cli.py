@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(tokenize)
     tokenize.add_argument("-o", "--output", required=True, help="output JSONL file")
     tokenize.set_defaults(handler=cmd_data_tokenize)
+    _data_quality_commands(data_commands)
 
     evaluate = commands.add_parser(
         "eval", help="generate on a test file and score the answers",
@@ -81,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("-o", "--output", required=True, help="report folder")
     compare.add_argument("--seed", type=int, default=0)
     compare.set_defaults(handler=cmd_compare)
+
+    sweep = commands.add_parser(
+        "sweep", help="train and evaluate a config over a grid of overrides, then compare the runs",
+        description="One training + evaluation per combination of --grid values, one at a time, each in "
+                    "train.output_dir/<combination>; then sweep.md/sweep.json (trainable parameters, peak memory, "
+                    "tokens/s, wall time, validation/test loss, task metrics) and report/comparison.md.")
+    _config_arguments(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a config field and its values, e.g. method.name=lora,dora,full (repeat for more fields)")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    _ship_commands(commands)
 
     demo = commands.add_parser("demo", help="the whole path on embedded data: build, train, evaluate, compare")
     demo.add_argument("--workdir", default="tunelab-demo", help="where to write (default ./tunelab-demo)")
@@ -179,6 +192,93 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_quality_commands(data_commands: argparse._SubParsersAction) -> None:
+    from tunelab.data.quality.flags import FLAGS
+
+    threshold = {"type": _threshold, "default": 0.8, "metavar": "J",
+                 "help": "Jaccard similarity of 3-character shingles that makes two records near-duplicates "
+                         "(default 0.8)"}
+    report = data_commands.add_parser(
+        "report", help="data quality report: duplicates, leakage, conflicts, diversity, flags, lengths",
+        description="Report on a training config (its splits and mix) or data files (a file named *test*/*eval* is "
+                    "test, *val*/*dev* validation, others train). Writes report.md, report.html and report.json.")
+    report.add_argument("inputs", nargs="+", metavar="CONFIG.yaml [key=value ...] | FILE ...")
+    report.add_argument("-o", "--output", required=True, help="report folder")
+    report.add_argument("--model", help="model folder or hub id: token lengths vs cutoff, and answer difficulty")
+    report.add_argument("--near-dup-threshold", **threshold)
+    report.add_argument("--cutoff-len", type=_positive_int, help="default: the config's data.cutoff_len, else 1024")
+    report.add_argument("--template", help="prompt template for token counts (default: the config's or tokenizer's)")
+    report.add_argument("--difficulty-samples", type=_positive_int, default=1000,
+                        help="records scored for difficulty with --model (an even sample; default 1000)")
+    report.set_defaults(handler=cmd_data_report)
+    clean = data_commands.add_parser("clean", help="drop duplicates, conflicts and flagged records; write the rest")
+    clean.add_argument("files", nargs="+", metavar="FILE")
+    clean.add_argument("-o", "--output", required=True, help="cleaned JSONL; dropped rows go to OUT.rejects.jsonl")
+    clean.add_argument("--dedup", action="store_true", help="drop exact duplicates (the first is kept)")
+    clean.add_argument("--near-dedup", action="store_true", help="drop near-duplicates (the first is kept)")
+    clean.add_argument("--drop-conflicts", action="store_true",
+                       help="drop every record of a group with the same prompt and different answers")
+    clean.add_argument("--drop-flags", metavar="FLAG,...", help=f"drop records with these flags: {', '.join(FLAGS)}")
+    clean.add_argument("--min-chars", type=_positive_int, help="drop records whose prompt + answer is shorter")
+    clean.add_argument("--max-chars", type=_positive_int, help="drop records whose prompt + answer is longer")
+    clean.add_argument("--near-dup-threshold", **threshold)
+    clean.set_defaults(handler=cmd_data_clean)
+    split = data_commands.add_parser("split", help="train/validation/test files; near-duplicates on one side")
+    split.add_argument("file", metavar="FILE")
+    split.add_argument("-o", "--output", required=True, help="folder for train.jsonl, validation.jsonl, test.jsonl")
+    split.add_argument("--val-size", type=_non_negative_float, default=0.05,
+                       help="fraction < 1 or count (default 0.05)")
+    split.add_argument("--test-size", type=_non_negative_float, default=0.1,
+                       help="fraction < 1 or count (default 0.1)")
+    split.add_argument("--seed", type=int, default=42)
+    split.add_argument("--near-dup-threshold", **threshold)
+    split.set_defaults(handler=cmd_data_split)
+
+
+def _threshold(text: str) -> float:
+    value = _number(float, text, "a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def cmd_data_report(args: argparse.Namespace) -> int:
+    from tunelab.data.quality.report import ReportSettings, build_report, open_input, write_report
+
+    stream, config = open_input(args.inputs)
+    settings = ReportSettings(near_dup_threshold=args.near_dup_threshold, model=args.model,
+                              cutoff_len=args.cutoff_len, template=args.template,
+                              difficulty_samples=args.difficulty_samples)
+    report = build_report(stream, settings, config, log=lambda line: console.print(line))
+    paths = write_report(report, Path(args.output))
+    d = report["duplicates"]
+    console.print(f"{report['records']} records; {d['exact']['removable']} exact and {d['near']['removable']} near "
+                  f"duplicates removable, {report['leakage']['leaked']} leaked into held-out splits, "
+                  f"{report['conflicts']['groups']} conflict groups; report: {paths['html']}")
+    return 0
+
+
+def cmd_data_clean(args: argparse.Namespace) -> int:
+    from tunelab.data.quality.clean import CleanOptions, clean_files, parse_flags, rejects_path
+
+    options = CleanOptions(dedup=args.dedup, near_dedup=args.near_dedup, drop_conflicts=args.drop_conflicts,
+                           drop_flags=parse_flags(args.drop_flags), min_chars=args.min_chars,
+                           max_chars=args.max_chars, near_dup_threshold=args.near_dup_threshold)
+    out = Path(args.output)
+    result = clean_files(args.files, out, options)
+    console.print(f"{result.describe()}; wrote {out} and {rejects_path(out)}")
+    return 0
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from tunelab.data.quality.splitting import split_file
+
+    result = split_file(args.file, Path(args.output), args.val_size, args.test_size, args.seed,
+                        args.near_dup_threshold)
+    console.print(f"{result.describe()}; wrote {args.output}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.evaluate.generate import GenerationSettings, eval_columns, load_for_eval, split_adapter_argument
     from tunelab.evaluate.metrics.score import scoring_options
@@ -247,12 +347,120 @@ def _judge_config(args: argparse.Namespace):
     return judge
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tunelab.sweep import run_sweep
+
+    runs, root = run_sweep(args.config, args.overrides, args.grid, console)
+    failed = [run.name for run in runs if run.row["status"] == "failed"]
+    Console().print((root / "sweep.md").read_text("utf-8"), markup=False, highlight=False)
+    if failed:
+        console.print(f"[red]sweep[/]: {len(failed)} run(s) failed: {', '.join(failed)} (see their output above)")
+    return 1 if failed else 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from tunelab.evaluate.compare import run_compare
 
     report = run_compare(args.paths, args.output, seed=args.seed)
     console.print(f"report: {report}")
     return 0
+
+
+def _ship_commands(commands: argparse._SubParsersAction) -> None:
+    """export, chat and serve: from a trained run to something that answers."""
+    export = commands.add_parser(
+        "export", help="merge an adapter into its base (or take a full run) and write a verified HF model folder",
+        description="Writes sharded safetensors, config, tokenizer with a chat template that renders the run's "
+                    "prompts, and a generation config; checks the merged logits against base + adapter and the "
+                    "written folder against what was saved before it finishes.")
+    export.add_argument("--adapter", required=True, metavar="RUN_OR_ADAPTER_DIR",
+                        help="LoRA/DoRA run or adapter folder, or a full/freeze run folder")
+    export.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
+    export.add_argument("-o", "--output", required=True, help="folder to write (new or empty)")
+    export.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    export.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    export.add_argument("--template", help="template to write as the chat template (default: the run's)")
+    export.set_defaults(handler=cmd_export)
+
+    chat = commands.add_parser("chat", help="streaming terminal chat (/reset, /exit), prompted as in training")
+    _model_arguments(chat, adapter_help="LoRA adapter or run folder")
+    chat.add_argument("--system", help="system prompt for the conversation")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    chat.add_argument("--temperature", type=_non_negative_float, default=0.0,
+                      help="0 (default) decodes greedily; above 0 samples at this temperature")
+    chat.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass (with --temperature)")
+    chat.add_argument("--stop", action="append", default=[], metavar="STR",
+                      help="end an answer at this string (repeatable); the template's end of turn always does")
+    chat.set_defaults(handler=cmd_chat)
+
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health",
+        description="Serves the base model and each --adapter (chosen by the request's model field) with one copy "
+                    "of the base weights. Needs pip install 'tunelab[serve]'.")
+    _model_arguments(serve, adapter_help="NAME=PATH: serve this adapter as model NAME (repeatable)")
+    serve.add_argument("--served-model-name", help="model id of the base (default: --model as given)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                                         "(default: $TUNELAB_API_KEY when set)")
+    serve.add_argument("--max-concurrency", type=_positive_int, default=4, help="generations at once (default 4)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests waiting for a slot before new ones get 429 (default 64)")
+    serve.add_argument("--max-tokens-limit", type=_positive_int, default=2048,
+                       help="largest max_tokens a request may ask for (400 above); the default for requests")
+    serve.add_argument("--max-request-bytes", type=_positive_int, default=1 << 20,
+                       help="largest request body (413 above; default 1 MiB)")
+    serve.add_argument("--engine", default="tunelab", choices=["tunelab", "vllm"],
+                       help="vllm: hand serving to vLLM's OpenAI server (CUDA GPU and pip install vllm)")
+    serve.add_argument("--threads", type=_positive_int,
+                       help="CPU threads per generation step (torch.set_num_threads; default: torch's choice)")
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(handler=cmd_serve)
+
+
+def _model_arguments(parser: argparse.ArgumentParser, adapter_help: str) -> None:
+    parser.add_argument("--model", required=True, help="base model: hub id or folder (or a full-tuning run folder)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="PATH", help=adapter_help)
+    parser.add_argument("--template", help="prompt template (default: the run's, else the tokenizer's)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:1")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.export import export_model
+
+    report = export_model(args.adapter, args.output, base=args.base, dtype=args.dtype,
+                          max_shard_size=args.max_shard_size, template=args.template,
+                          log=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
+    console.print(f"[green]exported[/] {report.source} -> {report.output} ({report.dtype}, {report.shards} "
+                  f"shard(s)); chat template: {report.chat_template}; {report.prompt_ids_match}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunelab.evaluate.generate import load_for_eval
+    from tunelab.serve.chat import run_chat
+    from tunelab.serve.generation import SamplingOptions, place_model
+
+    if len(args.adapter) > 1:
+        raise ConfigError("--adapter: chat takes one adapter")
+    loaded = load_for_eval(args.model, args.adapter[0] if args.adapter else None, template=args.template,
+                           dtype=args.dtype)
+    loaded.model = place_model(loaded.model, args.device)
+    options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              stop=tuple(args.stop))
+    interactive = sys.stdin.isatty()
+    console.print(f"chatting with {loaded.label} (template {loaded.template.name}); /reset clears the history, "
+                  "/exit quits", markup=False, highlight=False)
+    run_chat(loaded, options, system=args.system, input=sys.stdin, output=sys.stdout, notes=sys.stderr,
+             interactive=interactive)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunelab.serve.server import serve
+
+    return serve(args, console)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from tunelab.evaluate.generate import GenerationSettings, load_for_eval
 from tunelab.evaluate.metrics.score import scoring_options
 from tunelab.evaluate.metrics.select import infer_label_set
 from tunelab.evaluate.run_eval import evaluate_model, read_test_records
-from tunelab.models.methods import ADAPTER_METHODS
+from tunelab.models.methods import finetuned_model
 
 PROBE_RESOURCE = "general_probe.jsonl"
 
@@ -66,10 +66,8 @@ def evaluate_after_training(config: TunelabConfig, console: Console) -> dict[str
     del base
     gc.collect()
 
-    if config.method.name in ADAPTER_METHODS:
-        tuned = load_for_eval(config.model.name_or_path, str(run_dir), label="fine-tuned", **how)
-    else:
-        tuned = load_for_eval(str(run_dir), label="fine-tuned", **how)
+    model_path, adapter_path = finetuned_model(config.method.name, config.model.name_or_path, run_dir)
+    tuned = load_for_eval(model_path, adapter_path, label="fine-tuned", **how)
     dirs.append(eval_dir / "finetuned")
     evaluate_model(tuned, records, dirs[-1], settings, cutoff_len=cutoff, label_set=label_set, scoring=scoring,
                    embedder=embedder)

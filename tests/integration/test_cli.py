@@ -43,7 +43,7 @@ def test_bad_config_value_exits_2_before_loading_anything(tmp_path):
     config.write_text("model: {name_or_path: /does/not/exist}\nmethod: {name: lorra}\n")
     result = tunelab("train", str(config))
     assert result.returncode == 2
-    assert "method.name: got 'lorra'; allowed values: 'full', 'freeze', 'lora' or 'dora'" in result.stderr
+    assert "method.name: got 'lorra'; allowed values: 'full', 'freeze', 'lora', 'dora', 'qlora'," in result.stderr
     assert "Traceback" not in result.stderr
     typo = tunelab("train", str(config), "method.name=lora", "train.lerning_rate=1")
     assert typo.returncode == 2 and "did you mean 'train.learning_rate'" in typo.stderr

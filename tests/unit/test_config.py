@@ -43,7 +43,7 @@ def test_unknown_field_suggests_the_right_name():
 def test_bad_choice_names_field_and_allowed_values():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["method.name=lorra"])
-    assert "method.name: got 'lorra'; allowed values: 'full', 'freeze', 'lora' or 'dora'" in str(err.value)
+    assert "method.name: got 'lorra'; allowed values: 'full', 'freeze', 'lora', 'dora', 'qlora', " in str(err.value)
 
 
 def test_all_problems_reported_at_once():

@@ -88,7 +88,7 @@ def test_literal_fields_list_all_choices():
     assert "train.lr_scheduler_type" in literal_keys
     for key in literal_keys:
         choices = typing.get_args(LEAVES[key].annotation)  # type: ignore[attr-defined]
-        assert f"`{' | '.join(choices)}`" in _field_block(docs, key), key
+        assert f"`{' | '.join(str(c) for c in choices)}`" in _field_block(docs, key), key  # qlora.bits: 4 | 8
 
 
 def test_types_defaults_and_constraints_read_plainly():

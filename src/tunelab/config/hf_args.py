@@ -15,13 +15,21 @@ MAPPED = {
     "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
     "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "warmup_ratio", "report_to",
 }
-TUNELAB_ONLY = {"stage", "resume", "stop_on_nonfinite_loss"}
+TUNELAB_ONLY = {"stage", "resume", "stop_on_nonfinite_loss", "lean_loss"}
 
 
-def training_arguments(config: TunelabConfig, *, dtype: str, has_validation: bool) -> Any:
+def training_arguments(
+    config: TunelabConfig, *, dtype: str, has_validation: bool, batching: str | None = None
+) -> Any:
+    """``batching`` is the layout actually used (padding-free may have fallen back to padded); by default the
+    configured ``data.batching``."""
     from transformers import TrainingArguments
 
+    from tunelab.data.packing import FLAT_BATCHINGS
+
     train = config.train
+    if batching is None:
+        batching = config.data.batching
     report_to = train.report_to
     if report_to == "auto":
         report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
@@ -54,7 +62,13 @@ def training_arguments(config: TunelabConfig, *, dtype: str, has_validation: boo
         use_cpu=not _cuda_available(),
         # Non-finite losses must reach our guard, not be averaged away by the logger.
         logging_nan_inf_filter=False,
-        include_num_input_tokens_seen="non_padding",
+        # A flat row holds only real tokens; counting "non-pad" ids there would miss real EOS tokens whenever the
+        # tokenizer pads with EOS.
+        include_num_input_tokens_seen="all" if batching in FLAT_BATCHINGS else "non_padding",
+        train_sampling_strategy="group_by_length" if batching == "length_grouped" else "random",
+        # Evaluation during training reports the loss only; keeping every batch's full-vocabulary logits for
+        # metrics nobody computes costs eval-set × length × vocabulary memory.
+        prediction_loss_only=True,
         remove_unused_columns=False,
         disable_tqdm=True,  # tunelab draws its own bar with loss, lr and tokens/s
         dataloader_num_workers=0,

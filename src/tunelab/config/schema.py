@@ -6,16 +6,20 @@ Unknown keys are errors (``extra="forbid"``): a typo must never silently become 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"]
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
-MethodName = Literal["full", "freeze", "lora", "dora"]
+MethodName = Literal[
+    "full", "freeze", "lora", "dora", "qlora", "prefix", "ptuning", "prompt_tuning", "ia3", "hybrid"
+]
 Stage = Literal["sft"]
+Batching = Literal["padding_free", "padded", "packed", "length_grouped"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
 
 
@@ -63,12 +67,34 @@ class DataConfig(Section):
     """Seed of the train/validation/test split."""
     on_bad_record: Literal["error", "skip"] = "error"
     """``error`` stops at the first malformed record; ``skip`` drops it and writes it to rejects.jsonl."""
+    batching: Batching = "padding_free"
+    """How training batches are laid out. ``padding_free``: the same samples and steps as ``padded``, flattened into
+    one row without padding, attention kept within each sample (models that cannot fall back to ``padded``, with a
+    message). ``padded``: each batch padded to its longest sample. ``packed``: samples bin-packed into rows of
+    ``cutoff_len`` tokens first (fewer, fuller steps; samples still never attend to each other).
+    ``length_grouped``: padded batches of similar-length samples (transformers' group_by_length)."""
+    cache_tokenized: bool = True
+    """Keep tokenized examples on disk, keyed by the data files, tokenizer, template and every setting that
+    shapes them; a second run with the same inputs skips tokenization."""
+    cache_dir: str | None = None
+    """Folder of the tokenized-data cache; ``null`` uses ``$XDG_CACHE_HOME/tunelab/tokenized`` (else
+    ``~/.cache/tunelab/tokenized``)."""
+    tokenize_workers: int = Field(1, ge=1)
+    """Processes that tokenize in parallel (1 tokenizes in this process)."""
 
     @model_validator(mode="after")
     def _custom_template_needs_definition(self) -> DataConfig:
         if self.template == "custom" and self.custom_template is None:
             raise ValueError("template 'custom' needs a custom_template section")
         return self
+
+
+class RopeScaling(Section):
+    type: Literal["linear", "dynamic"]
+    """``linear`` divides positions by ``factor`` (position interpolation, needs fine-tuning); ``dynamic`` rescales
+    the base only past the trained length (NTK-aware)."""
+    factor: float = Field(gt=1)
+    """Context extension factor, e.g. 2.0 doubles the usable length."""
 
 
 class ModelConfig(Section):
@@ -80,6 +106,12 @@ class ModelConfig(Section):
     """Attention kernel; ``null`` lets transformers choose (sdpa when available)."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust its author."""
+    rope_scaling: RopeScaling | None = None
+    """Stretch rotary position embeddings to extend the context, e.g. ``{type: linear, factor: 2.0}``; written to
+    the model config (and saved with it). ``null`` keeps the checkpoint's own setting."""
+    new_special_tokens: list[str] = Field(default_factory=list)
+    """Tokens added to the tokenizer (e.g. ``["<tool_call>"]``); embeddings are resized and the new rows train
+    (full/freeze/hybrid: the embedding matrix; LoRA/DoRA/QLoRA: only the new rows, via peft trainable tokens)."""
 
 
 class LoraSettings(Section):
@@ -90,21 +122,105 @@ class LoraSettings(Section):
     """``all-linear`` or explicit module names such as ``[q_proj, v_proj]``."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha/sqrt(rank) instead of alpha/rank."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full beside the adapters and saved with them, e.g. ``[lm_head, embed_tokens]``."""
 
 
 class FreezeSettings(Section):
     trainable_layers: int | list[int] = 2
     """How many of the last decoder layers train, or an explicit list of layer indices (negatives count from the
-    end)."""
+    end); 0 or ``[]`` when only ``trainable_patterns`` decide."""
+    trainable_patterns: list[str] = Field(default_factory=list)
+    """Regular expressions searched in parameter names (e.g. ``'mlp\\.'``, ``'layers\\.0\\.self_attn'``); every
+    match trains too. A pattern that matches nothing is an error."""
     train_embeddings: bool = False
     train_head: bool = False
+
+    @field_validator("trainable_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
+
+
+class PrefixSettings(Section):
+    num_virtual_tokens: int = Field(20, ge=1)
+    """Learned key/value pairs prepended in every layer."""
+    prefix_projection: bool = False
+    """Produce the prefix through a two-layer MLP (more parameters, often steadier training)."""
+    encoder_hidden_size: int = Field(512, ge=1)
+    """Hidden size of that MLP (with ``prefix_projection`` only)."""
+
+
+class PtuningSettings(Section):
+    num_virtual_tokens: int = Field(20, ge=1)
+    """Learned input embeddings prepended to every sample, produced by the prompt encoder."""
+    encoder_hidden_size: int = Field(128, ge=1)
+    """Hidden size of the prompt encoder."""
+    encoder_type: Literal["MLP", "LSTM"] = "MLP"
+    encoder_num_layers: int = Field(2, ge=1)
+    encoder_dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class PromptTuningSettings(Section):
+    num_virtual_tokens: int = Field(20, ge=1)
+    """Learned input embeddings prepended to every sample."""
+    init_text: str | None = None
+    """Start the virtual tokens from the embeddings of this text (e.g. ``"Answer the shopping request as JSON:"``);
+    ``null`` starts them at random."""
+
+
+class IA3Settings(Section):
+    target_modules: Literal["all-linear"] | list[str] | None = None
+    """Modules whose activations are rescaled; ``null`` uses peft's default for the architecture (attention k/v and
+    the MLP down projection)."""
+    feedforward_modules: list[str] | None = None
+    """Which of ``target_modules`` are feed-forward (scaled at their input, not output); ``null``: peft's default
+    with default targets, none with explicit ``target_modules``."""
+
+    @model_validator(mode="after")
+    def _feedforward_within_targets(self) -> IA3Settings:
+        if self.feedforward_modules is not None and isinstance(self.target_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(f"feedforward_modules {extra} are not in target_modules")
+        return self
+
+
+class QLoraSettings(Section):
+    bits: Literal[4, 8] = 4
+    """Precision of the frozen base weights (bitsandbytes); LoRA adapters on top train in higher precision."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; nf4 suits normally distributed weights (the QLoRA paper's choice)."""
+    double_quant: bool = True
+    """Also quantise the quantisation constants (about 0.4 bits per weight saved)."""
+    compute_dtype: Dtype = "auto"
+    """Precision of the matmuls on dequantised weights; ``auto`` follows ``model.dtype``."""
+
+
+class HybridSettings(Section):
+    full_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the optimizer steps trained as full fine-tuning before switching to LoRA (``method.lora``)."""
 
 
 class MethodConfig(Section):
     name: MethodName = "lora"
-    """full: every weight; freeze: chosen layers; lora/dora: low-rank adapters via peft."""
+    """full: every weight; freeze: chosen layers or parameter patterns; lora/dora: low-rank adapters via peft; qlora:
+    LoRA on a 4/8-bit base (bitsandbytes); prefix/ptuning/prompt_tuning: learned virtual tokens; ia3: learned
+    activation scales; hybrid: full fine-tuning, then LoRA."""
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    """Adapter settings of lora, dora, qlora and the LoRA phase of hybrid."""
     freeze: FreezeSettings = Field(default_factory=FreezeSettings)
+    qlora: QLoraSettings = Field(default_factory=QLoraSettings)
+    prefix: PrefixSettings = Field(default_factory=PrefixSettings)
+    ptuning: PtuningSettings = Field(default_factory=PtuningSettings)
+    prompt_tuning: PromptTuningSettings = Field(default_factory=PromptTuningSettings)
+    ia3: IA3Settings = Field(default_factory=IA3Settings)
+    hybrid: HybridSettings = Field(default_factory=HybridSettings)
 
 
 class TrainConfig(Section):
@@ -133,6 +249,10 @@ class TrainConfig(Section):
     """Stop the run with an error when the training loss becomes NaN or infinite."""
     report_to: Literal["auto", "none", "tensorboard"] = "auto"
     """``auto`` logs to TensorBoard when it is installed."""
+    lean_loss: bool = True
+    """Run the LM head only where labels are supervised, in chunks (fused on GPU with liger-kernel installed):
+    the same loss, without a tokens × vocabulary logit tensor. Models whose logits are not the plain head of
+    the last hidden state keep their own loss (with a message)."""
 
     @property
     def output_path(self) -> Path:

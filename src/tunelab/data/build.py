@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,7 @@ def tokenize_splits(splits: RecordSplits, template: Template, tokenizer: Any, co
     for name, records in (("train", splits.train), ("validation", splits.validation)):
         stat = TokenizeStats()
         examples = []
-        for record in records:
-            example = tokenize_record(record, template, tokenizer, config.cutoff_len, config.train_on)
+        for example in _tokenize_records(records, template, tokenizer, config, name):
             stat.add(example)
             if example is not None:
                 examples.append(example)
@@ -77,6 +77,53 @@ def tokenize_splits(splits: RecordSplits, template: Template, tokenizer: Any, co
     if splits.train and not out["train"]:
         raise ConfigError("data.cutoff_len: every training sample lost all of its answer to truncation")
     return TokenizedData(train=out["train"], validation=out["validation"], stats=stats)
+
+
+# Records per task sent to a tokenizing worker: large enough that pickling the results is cheap next to the work.
+_WORKER_CHUNK = 256
+
+
+def _tokenize_records(
+    records: list[Record], template: Template, tokenizer: Any, config: DataConfig, name: str
+) -> Iterator[Example | None]:
+    """Examples in record order, with a progress bar; in ``config.tokenize_workers`` processes when above 1."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(records), desc=f"tokenize {name}", unit="rec", mininterval=0.5,
+               disable=len(records) < _WORKER_CHUNK)
+    try:
+        if config.tokenize_workers == 1 or len(records) <= _WORKER_CHUNK:
+            for record in records:
+                yield tokenize_record(record, template, tokenizer, config.cutoff_len, config.train_on)
+                bar.update()
+            return
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        # The workers are forked; the Rust tokenizer's own thread pool must not be live across the fork.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        chunks = [records[i : i + _WORKER_CHUNK] for i in range(0, len(records), _WORKER_CHUNK)]
+        with ProcessPoolExecutor(config.tokenize_workers, initializer=_init_worker,
+                                 initargs=(template, tokenizer, config.cutoff_len, config.train_on)) as pool:
+            for examples in pool.map(_tokenize_chunk, chunks):
+                yield from examples
+                bar.update(len(examples))
+    finally:
+        bar.close()
+
+
+# State of a tokenizing worker process, set once by its initializer (the template and tokenizer are pickled once
+# per worker, not once per chunk).
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(template: Template, tokenizer: Any, cutoff_len: int, train_on: str) -> None:
+    _WORKER.update(template=template, tokenizer=tokenizer, cutoff_len=cutoff_len, train_on=train_on)
+
+
+def _tokenize_chunk(records: list[Record]) -> list[Example | None]:
+    w = _WORKER
+    return [tokenize_record(r, w["template"], w["tokenizer"], w["cutoff_len"], w["train_on"]) for r in records]
 
 
 def write_records(path: Path, records: list[Record]) -> None:

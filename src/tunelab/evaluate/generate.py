@@ -10,11 +10,13 @@ answer starts right after its prompt, and ``generate`` uses the KV cache.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,14 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from tunelab.config.schema import CustomTemplate, Dtype, ModelConfig
+from tunelab.config.schema import CustomTemplate, Dtype, ModelConfig, RopeScaling
 from tunelab.data.collate import PaddedCollator
 from tunelab.data.record import Record
 from tunelab.data.template import Template, build_template
 from tunelab.data.tokenize import IGNORE_INDEX, encode_prompt, tokenize_record
 from tunelab.errors import ConfigError, ModelError
-from tunelab.models.load import load_model, load_tokenizer
+from tunelab.models.load import load_model, load_tokenizer, match_vocabulary
+from tunelab.models.methods.prompt import generate_with_virtual_tokens, uses_virtual_tokens
 
 
 @dataclass
@@ -123,7 +126,18 @@ def eval_columns(adapter_arguments: Sequence[str], base: bool) -> list[EvalColum
         columns.append(EvalColumn(name, folder))
     if not columns:
         raise ConfigError("--adapter/--base: nothing to evaluate; give --base, --adapter NAME=PATH, or both")
+    _check_one_peft_type(columns)
     return columns
+
+
+def _check_one_peft_type(columns: Sequence[EvalColumn]) -> None:
+    """peft cannot hold adapters of different types (LoRA and IA3, prefix and prompt tuning) on one model."""
+    kinds = {c.name: json.loads((c.adapter / "adapter_config.json").read_text("utf-8")).get("peft_type")
+             for c in columns if c.adapter is not None}
+    if len(set(kinds.values())) > 1:
+        listed = ", ".join(f"{name}: {kind}" for name, kind in kinds.items())
+        raise ConfigError(f"--adapter: adapters of different kinds cannot share one base model ({listed}); evaluate "
+                          "each kind in its own `tunelab eval`, then `tunelab compare` the eval folders")
 
 
 def run_template_settings(folder: Path | None) -> tuple[str | None, CustomTemplate | None]:
@@ -135,15 +149,25 @@ def run_template_settings(folder: Path | None) -> tuple[str | None, CustomTempla
     return data.get("template"), CustomTemplate(**custom) if custom else None
 
 
+def run_rope_scaling(folder: Path | None) -> RopeScaling | None:
+    """``model.rope_scaling`` of the run that trained an adapter (its base must be loaded with it), else ``None``."""
+    if folder is None or not (folder / "config.yaml").is_file():
+        return None
+    scaling = (yaml.safe_load((folder / "config.yaml").read_text("utf-8")) or {}).get("model", {}).get("rope_scaling")
+    return RopeScaling(**scaling) if scaling else None
+
+
 def load_for_eval(
     model_path: str, adapter: str | None = None, *, template: str | None = None, dtype: Dtype = "auto",
     label: str | None = None, trust_remote_code: bool = False, custom_template: CustomTemplate | None = None,
 ) -> LoadedModel:
     adapter_dir = resolve_adapter(adapter)
     model_dir = Path(model_path)
-    config = ModelConfig(name_or_path=model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    config = ModelConfig(name_or_path=model_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                         rope_scaling=run_rope_scaling(adapter_dir))
     tokenizer = _load_column_tokenizer(config, adapter_dir)
-    model = load_model(config)
+    # An adapter trained with model.new_special_tokens expects the grown vocabulary (its tokenizer has it).
+    model = match_vocabulary(load_model(config), tokenizer)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -194,6 +218,8 @@ class SharedBase:
         # Tokenizers and templates first: a bad template fails before the weights load.
         self.columns = {c.name: self._column(c, config, template, model_path) for c in columns}
         model = load_model(config)
+        widest = max(self.columns.values(), key=lambda loaded: len(loaded.tokenizer)).tokenizer
+        model = match_vocabulary(model, widest)
         self.adapter_names: dict[str, str] = {}
         for column in columns:
             if column.adapter is not None:
@@ -290,7 +316,9 @@ def generate_answers(
         inputs = collator(features)
         if settings.do_sample:
             torch.manual_seed(settings.seed + first_index + index)
-        output = model.generate(
+        # Prompt-learning adapters generate through their own path (see tunelab.models.methods.prompt).
+        generate = partial(generate_with_virtual_tokens, model) if uses_virtual_tokens(model) else model.generate
+        output = generate(
             input_ids=inputs["input_ids"].to(device),
             attention_mask=inputs["attention_mask"].to(device),
             max_new_tokens=settings.max_new_tokens,
@@ -332,6 +360,8 @@ def reference_losses(
 def _per_sample_loss(model: Any, collator: PaddedCollator, examples: list, device: Any) -> list[float]:
     batch = collator([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    # Prompt and P-tuning adapters also return logits for their virtual tokens, in front: keep the inputs' own.
+    logits = logits[:, -batch["input_ids"].shape[1] :]
     labels = batch["labels"].to(device)[:, 1:]
     logits = logits[:, :-1].float()
     token_loss = torch.nn.functional.cross_entropy(

@@ -36,18 +36,27 @@ def load_tokenizer(config: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(config: ModelConfig, path: str | None = None) -> Any:
-    """A causal LM in the configured precision. fp16 weights stay fp32: fp16 is run as autocast with loss scaling."""
+def weight_dtype(name: str) -> torch.dtype:
+    """The precision weights are loaded in. fp16 weights stay fp32: fp16 runs as autocast with HF's loss scaling."""
+    dtype = resolve_dtype(name)
+    return torch.float32 if dtype == "fp16" else DTYPES[dtype]
+
+
+def load_model(config: ModelConfig, path: str | None = None, *, quantization: Any = None) -> Any:
+    """A causal LM in the configured precision (``quantization``: a BitsAndBytesConfig for QLoRA)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = resolve_dtype(config.dtype)
     kwargs: dict[str, Any] = {
-        "dtype": torch.float32 if dtype == "fp16" else DTYPES[dtype],
+        "dtype": weight_dtype(config.dtype),
         "trust_remote_code": config.trust_remote_code,
     }
     if config.attn_implementation is not None:
         check_attention(config.attn_implementation)
         kwargs["attn_implementation"] = config.attn_implementation
+    if config.rope_scaling is not None:
+        kwargs["rope_parameters"] = rope_parameters(config)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     source = path or config.name_or_path
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -67,3 +76,51 @@ def check_attention(name: str | None) -> None:
                 "model.attn_implementation: flash_attention_2 needs the flash-attn package "
                 "(pip install 'tunelab[gpu]'); use sdpa otherwise"
             )
+
+
+def rope_parameters(config: ModelConfig) -> dict[str, Any]:
+    """The checkpoint's RoPE parameters with ``model.rope_scaling`` applied; checked before any weights load.
+
+    Only the checkpoint's config.json is read. transformers 5 keeps RoPE settings in ``config.rope_parameters``
+    (``rope_type``, ``factor``, ``rope_theta``); a model without one has no rotary embedding to scale.
+    """
+    from transformers import AutoConfig
+
+    assert config.rope_scaling is not None
+    try:
+        model_config = AutoConfig.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name_or_path: cannot read the config of {config.name_or_path!r}: {exc}") from None
+    current = getattr(model_config.get_text_config(), "rope_parameters", None)
+    if not isinstance(current, dict) or "rope_theta" not in current:
+        raise ConfigError(f"model.rope_scaling: {model_config.model_type} models have no rotary position "
+                          "embedding to scale; remove model.rope_scaling")
+    kind = current.get("rope_type", "default")
+    if kind not in ("default", config.rope_scaling.type):
+        raise ConfigError(f"model.rope_scaling: this checkpoint already uses {kind!r} RoPE scaling; stacking "
+                          f"{config.rope_scaling.type!r} on it is not supported")
+    return {**current, "rope_type": config.rope_scaling.type, "factor": config.rope_scaling.factor}
+
+
+def add_new_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
+    """Add ``model.new_special_tokens`` to the tokenizer; the ids of those that were not in it already."""
+    if not tokens:
+        return []
+    before = len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
+    return [i for i in tokenizer.convert_tokens_to_ids(list(tokens)) if i >= before]
+
+
+def match_vocabulary(model: Any, tokenizer: Any, seed: int = 0) -> Any:
+    """Grow the embeddings (and head) to the tokenizer when it has tokens the checkpoint lacks.
+
+    New rows start from a normal distribution with the old embeddings' mean and covariance (transformers'
+    ``mean_resizing``), drawn under ``seed`` so a resumed run and evaluation get the same rows.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return model

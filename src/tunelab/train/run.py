@@ -11,19 +11,38 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from transformers import set_seed
 
 from tunelab.config.hf_args import training_arguments
 from tunelab.config.load import dump_config
 from tunelab.config.schema import TunelabConfig
-from tunelab.data.build import load_splits, tokenize_splits, write_split_files
+from tunelab.data.build import load_splits, write_split_files
+from tunelab.data.cache import tokenize_with_cache
+from tunelab.data.packing import plan_batching
 from tunelab.data.template import build_template
-from tunelab.models.load import check_attention, load_model, load_tokenizer, resolve_dtype
-from tunelab.models.methods import apply_method, count_parameters, keep_trainable_fp32
+from tunelab.models.load import (
+    add_new_tokens,
+    check_attention,
+    load_model,
+    load_tokenizer,
+    match_vocabulary,
+    resolve_dtype,
+    weight_dtype,
+)
+from tunelab.models.methods import (
+    apply_method,
+    check_method,
+    count_parameters,
+    keep_trainable_fp32,
+    method_quantization,
+)
+from tunelab.models.packed_attention import restore_attention
 from tunelab.report.loss_curve import plot_loss_curve
 from tunelab.stages import STAGES
 from tunelab.train.callbacks import (
@@ -33,6 +52,9 @@ from tunelab.train.callbacks import (
     StepTimerCallback,
 )
 from tunelab.train.checkpoint import resolve_resume
+from tunelab.train.hybrid import train_hybrid
+from tunelab.train.loss import lean_loss_unsupported
+from tunelab.train.meter import TrainingCheckCallback, meter_summary
 
 
 @dataclass
@@ -54,44 +76,78 @@ def run_training(
     resume_from = resolve_resume(config.train, check_empty=main)
     dtype = resolve_dtype(config.model.dtype)
     check_attention(config.model.attn_implementation)
+    check_method(config)
     out = config.train.output_path
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = load_tokenizer(config.model)
+    new_token_ids = add_new_tokens(tokenizer, config.model.new_special_tokens)
     template = build_template(config.data.template, tokenizer, config.data.custom_template)
     splits = load_splits(config.data)
-    data = tokenize_splits(splits, template, tokenizer, config.data)
+    data, cache_note = tokenize_with_cache(splits, template, tokenizer, config.data)
+    if cache_note:
+        console.print(cache_note)
     if main:
         write_split_files(out, splits)
+        (out / "data_mix.json").write_text(json.dumps(splits.mix, indent=2, ensure_ascii=False), "utf-8")
         dump_config(config, out / "config.yaml")
     describe_data(console, splits, data, template.name)
 
-    model = keep_trainable_fp32(apply_method(load_model(config.model), config.method))
+    # Adapters (LoRA A, prompt embeddings, ...) draw their initial weights from the global RNG, and the Trainer seeds
+    # it only once the model exists: without this, two runs of one config start from different adapters.
+    set_seed(config.train.seed)
+    model = load_model(config.model, quantization=method_quantization(config.method, weight_dtype(config.model.dtype)))
+    model = match_vocabulary(model, tokenizer, seed=config.train.seed)
+    model = keep_trainable_fp32(apply_method(model, config.method, new_token_ids))
     trainable, total = count_parameters(model)
     console.print(f"[bold]model[/] {config.model.name_or_path} ({dtype}), method {config.method.name}: "
                   f"{trainable:,} of {total:,} parameters train ({100 * trainable / max(total, 1):.2f}%)")
+    if torch.cuda.is_available() and not getattr(model, "is_quantized", False):
+        # Where the Trainer would put it anyway; the batching and loss probes below must run on the real kernels.
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+    batching, batching_note = plan_batching(config.data.batching, model, config.data.cutoff_len)
+    lean_off = lean_loss_unsupported(model) if config.train.lean_loss else ""
+    for note in (batching_note, f"lean loss off: {lean_off}; the model computes its own loss" if lean_off else ""):
+        if note:
+            console.print(note)
 
     metrics_path = out / "metrics.jsonl"
     signals = SignalCheckpointCallback()
     timer = StepTimerCallback()
-    trainer = STAGES[config.train.stage](
-        model=model,
+    check = TrainingCheckCallback()
+    make_trainer = partial(  # hybrid builds a second trainer, with the same arguments, for its LoRA phase
+        build_stage_trainer,
+        STAGES[config.train.stage],
         tokenizer=tokenizer,
-        args=training_arguments(config, dtype=dtype, has_validation=bool(data.validation)),
+        args=training_arguments(config, dtype=dtype, has_validation=bool(data.validation), batching=batching.mode),
         train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in data.train],
         eval_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in data.validation],
-        callbacks=[MetricsFileCallback(metrics_path), ProgressBarCallback(), signals, timer, *(extra_callbacks or [])],
+        callbacks=[MetricsFileCallback(metrics_path), ProgressBarCallback(), signals, timer, check,
+                   *(extra_callbacks or [])],
         stop_on_nonfinite_loss=config.train.stop_on_nonfinite_loss,
+        batching=batching,
+        lean_loss=config.train.lean_loss and not lean_off,
     )
-    _drop_printer_callback(trainer)
+    trainer = make_trainer(model=model)
     if resume_from is not None:
         console.print(f"resuming from {resume_from}")
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    method_summary: dict[str, Any] = {}
+    if config.method.name == "hybrid":
+        trainer, method_summary = train_hybrid(config, trainer, make_trainer, resume_from, console,
+                                               interrupted=lambda: signals.received is not None)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
+    restore_attention(model, batching.attention_before)
 
     summary = build_summary(trainer, wall, trainable, total, data.stats)
     summary.update(timer.report())
+    summary.update(method_summary)
+    meter, meter_lines = meter_summary(trainer, timer, check, batching=batching.mode, dtype=dtype)
+    summary.update(meter)
+    for line in meter_lines:
+        console.print(line)
     if signals.received is not None:
         summary["interrupted_by_signal"] = signals.received
         if main:
@@ -164,6 +220,13 @@ def build_summary(trainer: Any, wall: float, trainable: int, total: int, stats: 
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def build_stage_trainer(build: Any, **kwargs: Any) -> Any:
+    """The stage's trainer, without transformers' own printing (tunelab draws its own progress bar)."""
+    trainer = build(**kwargs)
+    _drop_printer_callback(trainer)
+    return trainer
 
 
 def _drop_printer_callback(trainer: Any) -> None:

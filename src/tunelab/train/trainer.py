@@ -1,8 +1,10 @@
-"""The one thin Trainer subclass: token accounting and a non-finite-loss guard; the stage supplies the loss."""
+"""The one thin Trainer subclass: token accounting and a non-finite-loss guard; the stage supplies the loss
+(``loss_fn``; without one, the model's own)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,12 +12,20 @@ from transformers import Trainer
 
 from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.errors import RunError
+from tunelab.train.meter import FedBatches
+
+LossFn = Callable[[Any, dict[str, Any], Any], torch.Tensor]
 
 
 class TunelabTrainer(Trainer):
-    def __init__(self, *args: Any, stop_on_nonfinite_loss: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, stop_on_nonfinite_loss: bool = True, loss_fn: LossFn | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
+        self.loss_fn = loss_fn
+        """The stage's loss ``(model, inputs, num_items_in_batch) -> loss``; ``None`` uses the model's own."""
+        self.fed = FedBatches()
         self._restored_tokens = 0
         self._new_tokens: torch.Tensor | None = None
         self._count_restored = False
@@ -34,7 +44,24 @@ class TunelabTrainer(Trainer):
             # Kept as a device tensor and read only when logging: reading it every step would stall the GPU.
             count = (labels[..., 1:] != IGNORE_INDEX).sum()
             self._new_tokens = count if self._new_tokens is None else self._new_tokens + count
+        self.fed.add(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        # No KV cache in training: it only costs memory, and transformers skips its packed-sequence detection
+        # whenever a cache exists (flex_attention relies on that detection for flat rows).
+        inputs = {**inputs, "use_cache": False}
+        # A wrapped model (DDP, FSDP, DeepSpeed) must run its own forward, which the stage's loss would bypass by
+        # calling the decoder body directly: gradients would not be synchronised.
+        if self.loss_fn is None or "labels" not in inputs or model is not self.model:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.loss_fn(model, inputs, num_items_in_batch)
+        # As in Trainer.compute_loss: with the token count summed over all processes, scale back up.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "eval_loss" not in logs:

@@ -84,6 +84,15 @@ def _invalid_json(error: json.JSONDecodeError) -> str:
     return f"invalid JSON: {error.msg} (column {error.colno})"
 
 
+def parse_json_line(source: str, line: str) -> dict[str, Any] | DataError:
+    """One JSONL line: the object, or the error that names its source."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        return DataError(source, "-", _invalid_json(error))
+    return value if isinstance(value, dict) else _not_an_object(source, value)
+
+
 def _read_jsonl(path: Path, name: str) -> Iterator[RowOrError]:
     text = _read_text(path, name)
     # Split on "\n" only: str.splitlines() would also break at U+2028 and friends, which JSON strings may contain.
@@ -91,12 +100,7 @@ def _read_jsonl(path: Path, name: str) -> Iterator[RowOrError]:
         if not line.strip():
             continue
         source = f"{name}:{number}"
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            yield source, DataError(source, "-", _invalid_json(error))
-            continue
-        yield source, value if isinstance(value, dict) else _not_an_object(source, value)
+        yield source, parse_json_line(source, line)
 
 
 def _read_json(path: Path, name: str) -> Iterator[RowOrError]:

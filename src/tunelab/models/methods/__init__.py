@@ -2,27 +2,76 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from tunelab.config.schema import MethodConfig
+from tunelab.config.schema import MethodConfig, TunelabConfig
+from tunelab.errors import ConfigError
 from tunelab.models.methods.freeze import apply_freeze
 from tunelab.models.methods.full import apply_full
+from tunelab.models.methods.hybrid import HYBRID_BASE_DIR, apply_hybrid
+from tunelab.models.methods.ia3 import apply_ia3
 from tunelab.models.methods.lora import apply_lora
+from tunelab.models.methods.prompt import apply_prefix, apply_prompt_tuning, apply_ptuning
+from tunelab.models.methods.qlora import apply_qlora, check_qlora, quantization_config
 
-METHODS: dict[str, Callable[[Any, MethodConfig], Any]] = {
+METHODS: dict[str, Callable[[Any, MethodConfig, Sequence[int]], Any]] = {
     "full": apply_full,
     "freeze": apply_freeze,
     "lora": apply_lora,
     "dora": apply_lora,
+    "qlora": apply_qlora,
+    "prefix": apply_prefix,
+    "ptuning": apply_ptuning,
+    "prompt_tuning": apply_prompt_tuning,
+    "ia3": apply_ia3,
+    "hybrid": apply_hybrid,
 }
-ADAPTER_METHODS = frozenset({"lora", "dora"})
+ADAPTER_METHODS = frozenset({"lora", "dora", "qlora", "prefix", "ptuning", "prompt_tuning", "ia3"})
+"""Methods whose run folder holds a peft adapter for the unchanged base model (``model.name_or_path``)."""
+PROMPT_LEARNING_METHODS = frozenset({"prefix", "ptuning", "prompt_tuning"})
+FROZEN_EMBEDDING_METHODS = PROMPT_LEARNING_METHODS | {"ia3"}
+"""Methods that cannot train embedding rows, so cannot learn ``model.new_special_tokens``."""
 
 
-def apply_method(model: Any, config: MethodConfig) -> Any:
-    return METHODS[config.name](model, config)
+def apply_method(model: Any, config: MethodConfig, new_token_ids: Sequence[int] = ()) -> Any:
+    """Make ``model`` trainable as ``config.name`` says; ``new_token_ids`` are added tokens whose rows must train."""
+    return METHODS[config.name](model, config, new_token_ids)
+
+
+def check_method(config: TunelabConfig) -> None:
+    """Method choices that cannot work, found before any model loads."""
+    if config.method.name == "qlora":
+        check_qlora(config.method)
+    if config.model.new_special_tokens and config.method.name in FROZEN_EMBEDDING_METHODS:
+        raise ConfigError(f"model.new_special_tokens: method {config.method.name} cannot train embeddings, so new "
+                          "tokens would stay random; use lora, dora, qlora, full, freeze or hybrid")
+
+
+def method_quantization(config: MethodConfig, load_dtype: torch.dtype) -> Any:
+    """The bitsandbytes config the base loads with (QLoRA), else ``None``."""
+    if config.name != "qlora":
+        return None
+    compute = config.qlora.compute_dtype
+    return quantization_config(config, load_dtype if compute == "auto" else _compute_dtype(compute))
+
+
+def _compute_dtype(name: str) -> torch.dtype:
+    from tunelab.models.load import weight_dtype
+
+    return torch.float16 if name == "fp16" else weight_dtype(name)
+
+
+def finetuned_model(name: str, base_model: str, run_dir: Path) -> tuple[str, str | None]:
+    """Where a finished run's model is: ``(model path, adapter path or None)`` for :func:`load_for_eval`."""
+    if name in ADAPTER_METHODS:
+        return base_model, str(run_dir)
+    if name == "hybrid":
+        return str(run_dir / HYBRID_BASE_DIR), str(run_dir)
+    return str(run_dir), None
 
 
 def keep_trainable_fp32(model: Any) -> Any:
@@ -45,4 +94,15 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-__all__ = ["ADAPTER_METHODS", "METHODS", "apply_method", "count_parameters", "keep_trainable_fp32"]
+__all__ = [
+    "ADAPTER_METHODS",
+    "FROZEN_EMBEDDING_METHODS",
+    "METHODS",
+    "PROMPT_LEARNING_METHODS",
+    "apply_method",
+    "check_method",
+    "count_parameters",
+    "finetuned_model",
+    "keep_trainable_fp32",
+    "method_quantization",
+]

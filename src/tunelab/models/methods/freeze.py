@@ -1,7 +1,10 @@
-"""Freeze tuning: only chosen decoder layers (and optionally embeddings/head) train."""
+"""Freeze tuning: only chosen decoder layers, parameters matching name patterns, and optionally embeddings/head
+train."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,8 +24,8 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
 
 def chosen_layers(spec: int | list[int], total: int) -> list[int]:
     if isinstance(spec, int):
-        if not 0 < spec <= total:
-            raise ConfigError(f"method.freeze.trainable_layers: {spec} is not between 1 and {total} (the layer count)")
+        if not 0 <= spec <= total:
+            raise ConfigError(f"method.freeze.trainable_layers: {spec} is not between 0 and {total} (the layer count)")
         return list(range(total - spec, total))
     picked = []
     for index in spec:
@@ -32,7 +35,25 @@ def chosen_layers(spec: int | list[int], total: int) -> list[int]:
     return sorted(set(picked))
 
 
-def apply_freeze(model: Any, config: MethodConfig) -> Any:
+def matching_parameters(model: Any, patterns: Sequence[str]) -> set[str]:
+    """Names of the parameters any pattern is found in (``re.search``); a pattern matching nothing is an error."""
+    names = [name for name, _ in model.named_parameters()]
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = {name for name in names if re.search(pattern, name)}
+        if not hits:
+            raise ConfigError(f"method.freeze.trainable_patterns: {pattern!r} matches no parameter name; names look "
+                              f"like {names[len(names) // 2]!r}")
+        matched |= hits
+    return matched
+
+
+def apply_freeze(model: Any, config: MethodConfig, new_token_ids: Sequence[int] = ()) -> Any:
+    """Freeze everything, then unfreeze the chosen layers, pattern matches, and embeddings/head when asked.
+
+    New tokens (``model.new_special_tokens``) need trained embedding rows, so they unfreeze the whole input
+    embedding and head (peft's row-wise trainable tokens exist for adapters only).
+    """
     settings = config.freeze
     layers = decoder_layers(model)
     for param in model.parameters():
@@ -40,9 +61,16 @@ def apply_freeze(model: Any, config: MethodConfig) -> Any:
     for index in chosen_layers(settings.trainable_layers, len(layers)):
         for param in layers[index].parameters():
             param.requires_grad_(True)
+    chosen = matching_parameters(model, settings.trainable_patterns)
+    for name, param in model.named_parameters():
+        if name in chosen:
+            param.requires_grad_(True)
     # With tied embeddings the input embedding and the head are one tensor: asking for either trains both.
-    if settings.train_embeddings:
+    if settings.train_embeddings or new_token_ids:
         model.get_input_embeddings().weight.requires_grad_(True)
-    if settings.train_head:
+    if settings.train_head or new_token_ids:
         model.get_output_embeddings().weight.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("method.freeze: nothing trains; set trainable_layers, trainable_patterns, "
+                          "train_embeddings or train_head")
     return model

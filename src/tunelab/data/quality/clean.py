@@ -1,0 +1,173 @@
+"""``tunelab data clean``: drop records by chosen rules, write the rest and a rejects file with one reason each.
+
+Rules are applied in a fixed order and the first that matches names the reason, so the same input and options
+always give the same output: unreadable rows, length bounds, answer flags, exact duplicates, near-duplicates,
+conflicts. Of a group of duplicates the first record in input order is kept; of a conflict group none is, since
+which answer is right is unknown.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunelab.data.build import write_records
+from tunelab.data.quality import findings
+from tunelab.data.quality.analyze import FLAG_BITS, analyze_stream
+from tunelab.data.quality.flags import FLAGS
+from tunelab.data.quality.stream import files_stream, iter_file
+from tunelab.data.readers import Reject, write_rejects
+from tunelab.data.record import Record
+from tunelab.errors import ConfigError
+
+__all__ = ["CleanOptions", "CleanResult", "Drop", "clean_files", "parse_flags", "rejects_path"]
+
+
+@dataclass
+class CleanOptions:
+    dedup: bool = False
+    near_dedup: bool = False
+    drop_conflicts: bool = False
+    drop_flags: tuple[str, ...] = ()
+    min_chars: int | None = None
+    max_chars: int | None = None
+    """Bounds on a record's prompt + answer characters."""
+    near_dup_threshold: float = 0.8
+
+
+@dataclass
+class CleanResult:
+    kept: int = 0
+    read: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.reasons.values())
+
+    def describe(self) -> str:
+        why = ", ".join(f"{reason} {count}" for reason, count in sorted(self.reasons.items(), key=lambda r: -r[1]))
+        return f"kept {self.kept} of {self.read} rows; dropped {self.dropped}" + (f": {why}" if why else "")
+
+
+def parse_flags(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in FLAGS]
+    if unknown:
+        raise ConfigError(f"--drop-flags: unknown flag {unknown[0]!r}; allowed: {', '.join(FLAGS)}")
+    return names
+
+
+@dataclass(frozen=True)
+class Drop:
+    rule: str
+    """The counted reason: ``min_chars``, ``flag:loop``, ``exact_duplicate``, ..."""
+    detail: str
+    kept: int | None = None
+    """For duplicates, the stream index of the record kept in their place."""
+
+
+def _drop_reasons(paths: Sequence[str], options: CleanOptions) -> dict[int, Drop]:
+    """Stream index -> why, for every readable record the options drop (the first rule that matches wins)."""
+    corpus = analyze_stream(files_stream(paths, split_by_name=False))
+    try:
+        c = corpus.columns
+        drops: dict[int, Drop] = {}
+
+        def mark(indices: Iterable[Any], drop: Drop) -> None:
+            for i in indices:
+                drops.setdefault(int(i), drop)
+
+        chars = c["prompt_chars"].astype(np.int64) + c["answer_chars"]
+        if options.min_chars is not None:
+            mark(np.nonzero(chars < options.min_chars)[0],
+                 Drop("min_chars", f"prompt + answer shorter than {options.min_chars} characters"))
+        if options.max_chars is not None:
+            mark(np.nonzero(chars > options.max_chars)[0],
+                 Drop("max_chars", f"prompt + answer longer than {options.max_chars} characters"))
+        for name in options.drop_flags:
+            mark(np.nonzero(c["flags"] & np.uint16(FLAG_BITS[name]))[0], Drop(f"flag:{name}", FLAGS[name][1]))
+        if options.dedup:
+            for group in findings.exact_groups(corpus):
+                mark(group[1:], Drop("exact_duplicate", "same prompt and answer as", int(group[0])))
+        if options.near_dedup:
+            clusters = findings.cluster_near_duplicates(corpus, options.near_dup_threshold)
+            for group in clusters.members():
+                mark(group[1:], Drop("near_duplicate", f"similarity >= {options.near_dup_threshold} to",
+                                     int(group[0])))
+        if options.drop_conflicts:
+            prompts = findings.cluster_near_duplicates(corpus, options.near_dup_threshold, part=0,
+                                                       valid=c["prompt_hash"] != 0)
+            for group in findings.conflicts(corpus, prompts)["all"]:
+                mark(group["records"], Drop("conflict", f"{len(group['records'])} records with the same or a "
+                                                        f"near-same prompt have {group['distinct_answers']} "
+                                                        "different answers"))
+        return drops
+    finally:
+        corpus.signatures.close()
+
+
+def rejects_path(out: Path) -> Path:
+    """``OUT.jsonl`` -> ``OUT.rejects.jsonl``."""
+    return out.with_name(out.name.removesuffix(".jsonl") + ".rejects.jsonl")
+
+
+def clean_files(paths: Sequence[str], out: Path, options: CleanOptions) -> CleanResult:
+    """Write the kept records to ``out`` (OpenAI messages JSONL) and every dropped row to ``OUT.rejects.jsonl``.
+
+    Three streaming passes (statistics, kept records, rejects), so memory does not grow with the input.
+    """
+    if not (options.dedup or options.near_dedup or options.drop_conflicts or options.drop_flags
+            or options.min_chars is not None or options.max_chars is not None):
+        raise ConfigError("nothing to do: choose --dedup, --near-dedup, --drop-conflicts, --drop-flags, "
+                          "--min-chars or --max-chars")
+    drops = _drop_reasons(paths, options)
+    referenced = {d.kept for d in drops.values() if d.kept is not None}
+    result = CleanResult()
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def rows() -> Iterator[tuple[Record | Reject, int | None]]:
+        index = 0
+        for path in paths:
+            for item, _ in iter_file(path):
+                if isinstance(item, Reject):
+                    yield item, None
+                else:
+                    yield item, index
+                    index += 1
+
+    def kept() -> Iterator[Record]:
+        for item, index in rows():
+            result.read += 1
+            if isinstance(item, Reject):
+                result.reasons["unreadable"] += 1
+            elif index in drops:
+                result.reasons[drops[index].rule] += 1
+            else:
+                result.kept += 1
+                yield item
+
+    def rejects() -> Iterator[Reject]:
+        sources: dict[int, str] = {}
+        for item, index in rows():
+            if isinstance(item, Reject):
+                yield Reject(item.source, f"unreadable: {item.reason}", item.raw)
+                continue
+            assert index is not None  # every record has a stream index
+            if index in referenced:
+                sources[index] = item.source  # a kept record always comes before the duplicates it stands for
+            drop = drops.get(index)
+            if drop is not None:
+                detail = drop.detail if drop.kept is None else f"{drop.detail} {sources[drop.kept]}"
+                yield Reject(item.source, f"{drop.rule}: {detail}", {**item.to_json(), "source": item.source})
+
+    write_records(out, kept())  # type: ignore[arg-type]  # iterated once; a list would hold the whole corpus
+    write_rejects(rejects_path(out), rejects())
+    return result

@@ -1,0 +1,218 @@
+"""The throughput meter and the "did it train" check of every run.
+
+Rates are over optimizer-step time (``StepTimerCallback``), so logging, evaluation and checkpoints do not count.
+Model FLOPs per token follow the PaLM appendix-B convention: 2 FLOPs per weight per token forward, 2 more backward
+for the activation gradient, 2 more for the weight gradient of *trained* weights only (LoRA and freeze skip
+those for the frozen base), plus ``12·layers·hidden·s`` for attention, where ``s = Σ lᵢ² / Σ lᵢ`` is the context
+each token actually attends over (per sample, as padding-free batches compute it). MFU divides the FLOPs of the
+real (non-pad) tokens by a peak: the device's stated dense peak when tunelab knows the device, and always a matmul
+peak measured here once per process (a few hundred milliseconds).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+# Stated dense (no sparsity) peaks in TFLOP/s, from the vendors' data sheets: (bf16/fp16 tensor core, plain fp32).
+DEVICE_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989.4, 66.9),
+    "H100 PCIe": (756.0, 51.2),
+    "H100": (989.4, 66.9),  # SXM; checked after "H100 PCIe"
+    "A100": (312.0, 19.5),
+}
+
+
+@dataclass
+class FedBatches:
+    """What the training steps were fed: token slots (padding included), samples, and Σ lᵢ² per sample.
+
+    Counts stay device tensors where they come from the batch, so counting never waits for the GPU.
+    """
+
+    slots: int = 0
+    samples: int = 0
+    squared_lengths: Any = 0
+
+    def add(self, inputs: dict[str, Any]) -> None:
+        ids = inputs["input_ids"]
+        self.slots += ids.numel()
+        cu = inputs.get("cu_seq_lens_q")
+        if cu is not None:
+            lengths = cu[1:] - cu[:-1]
+        elif inputs.get("attention_mask") is not None:
+            lengths = inputs["attention_mask"].sum(-1)
+        else:
+            lengths = torch.full((ids.shape[0],), ids.shape[-1], device=ids.device)
+        self.samples += int(lengths.shape[0])
+        self.squared_lengths = self.squared_lengths + (lengths.long() ** 2).sum()
+
+
+class TrainingCheckCallback(TrainerCallback):
+    """Remembers the norms of a few trainable tensors at the start, to tell at the end whether they moved."""
+
+    SAMPLE = 16
+
+    def __init__(self) -> None:
+        self.before: dict[str, float] = {}
+        self.after: dict[str, float] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if model is not None else []
+        step = max(1, len(trainable) // self.SAMPLE)
+        self._tensors = dict(trainable[::step][: self.SAMPLE])
+        self.before = self._norms()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.after = self._norms()
+
+    def _norms(self) -> dict[str, float]:
+        # float64 norms: any update to a tensor changes its norm, and nothing is copied.
+        return {n: float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) for n, p in self._tensors.items()}
+
+    def report(self, log_history: list[dict[str, Any]]) -> dict[str, Any]:
+        grads = [e["grad_norm"] for e in log_history if "grad_norm" in e]
+        losses = [e["loss"] for e in log_history if "loss" in e]
+        k = max(1, len(losses) // 4)
+        checks: dict[str, Any] = {
+            "grad_norm_above_zero": (max(grads) > 0) if grads else None,
+            "parameters_changed": any(self.after.get(n) != v for n, v in self.before.items()) if self.before else None,
+            "loss_fell": (sum(losses[-k:]) / k < sum(losses[:k]) / k) if len(losses) >= 2 else None,
+        }
+        checks["ok"] = all(v is not False for v in checks.values()) and checks["parameters_changed"] is True
+        checks["sampled_tensors"] = len(self.before)
+        return checks
+
+
+def matmul_flops(model: Any) -> tuple[int, int]:
+    """(weights that multiply activations, of which trained): every 2-D+ parameter except input embeddings,
+    plus the LM head counted once even when tied to the embeddings."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embeddings = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    skip = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+    total = trained = 0
+    for param in model.parameters():
+        if param.dim() < 2 or id(param) in skip:
+            continue
+        total += param.numel()
+        trained += param.numel() if param.requires_grad else 0
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is not None and id(head.weight) in skip:  # tied head: it multiplies, count it
+        total += head.weight.numel()
+        trained += head.weight.numel() if head.weight.requires_grad else 0
+    return total, trained
+
+
+def flops_per_token(model: Any, context: float) -> float:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    total, trained = matmul_flops(model)
+    attention = 12 * config.num_hidden_layers * config.hidden_size * context
+    return 4 * total + 2 * trained + attention
+
+
+def stated_peak_tflops(dtype: str) -> tuple[str, float] | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    for key, (half, single) in DEVICE_PEAK_TFLOPS.items():
+        if key in name:
+            return f"{name} {dtype} (stated)", half if dtype != "fp32" else single
+    return None
+
+
+@functools.cache
+def measured_peak_tflops(dtype: str) -> float:
+    """Best achieved TFLOP/s of square matmuls in ``dtype`` on the training device, measured once."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    n = 4096 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    best = float("inf")
+    for _ in range(6 if device == "cpu" else 20):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
+
+
+@dataclass
+class Throughput:
+    """The meter's numbers for one run; ``to_dict`` goes into summary.json."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        v = self.values
+        if not v["real_tokens"]:
+            return ["throughput: no training step ran in this session"]
+        out = [f"throughput: {v['real_tokens_per_s']:,.0f} real tokens/s, {v['supervised_tokens_per_s']:,.0f} "
+               f"supervised tokens/s, {v['samples_per_s']:.2f} samples/s; padding efficiency "
+               f"{v['padding_efficiency']:.1%} ({v['batching']} batches)"]
+        if v.get("mfu_measured_peak") is not None:
+            stated = (f", {v['mfu_stated_peak']:.1%} of {v['stated_peak_tflops']:.0f} TFLOP/s {v['stated_peak']}"
+                      if v.get("mfu_stated_peak") is not None else "")
+            out.append(f"MFU: {v['model_flops_per_token'] / 1e6:,.1f} MFLOP per token; {v['mfu_measured_peak']:.1%} "
+                       f"of the measured matmul peak ({v['measured_peak_tflops']:.2f} TFLOP/s){stated}")
+        return out
+
+
+def throughput_report(trainer: Any, timer: Any, *, batching: str, dtype: str) -> Throughput:
+    """Rates over step time, padding efficiency of what was fed, FLOPs per token and MFU."""
+    fed: FedBatches = trainer.fed
+    timed = timer.report()
+    step_time = timed.get("train_step_time_s") or 0.0
+    real = timer._tokens_run  # tokens of this session (a resumed run starts from the checkpoint's count)
+    supervised = int(trainer._new_tokens) if trainer._new_tokens is not None else 0
+    context = int(fed.squared_lengths) / real if real else 0.0
+    per_token = flops_per_token(trainer.model, context) if real else 0.0
+    values: dict[str, Any] = {
+        "batching": batching,
+        "real_tokens": real,
+        "token_slots": fed.slots,
+        "padding_efficiency": round(real / fed.slots, 4) if fed.slots else None,
+        "samples": fed.samples,
+        "real_tokens_per_s": round(real / step_time, 2) if step_time else 0.0,
+        "supervised_tokens_per_s": round(supervised / step_time, 2) if step_time else 0.0,
+        "samples_per_s": round(fed.samples / step_time, 3) if step_time else 0.0,
+        "mean_attention_context": round(context, 1),
+        "model_flops_per_token": round(per_token),
+    }
+    if step_time and real:
+        achieved = per_token * real / step_time / 1e12
+        measured = measured_peak_tflops(dtype)
+        values.update(achieved_tflops=round(achieved, 4), measured_peak_tflops=round(measured, 3),
+                      mfu_measured_peak=round(achieved / measured, 4))
+        stated = stated_peak_tflops(dtype)
+        if stated is not None:
+            values.update(stated_peak=stated[0], stated_peak_tflops=stated[1],
+                          mfu_stated_peak=round(achieved / stated[1], 4))
+    return Throughput(values)
+
+
+def meter_summary(
+    trainer: Any, timer: Any, check: TrainingCheckCallback, *, batching: str, dtype: str
+) -> tuple[dict[str, Any], list[str]]:
+    """summary.json additions and the end-of-run lines: throughput, MFU, and the "did it train" check (a warning
+    line for each check that failed)."""
+    throughput = throughput_report(trainer, timer, batching=batching, dtype=dtype)
+    checks = check.report(trainer.state.log_history)
+    lines = throughput.lines()
+    failed = {
+        "grad_norm_above_zero": "every logged gradient norm was 0: nothing reached the trainable weights",
+        "parameters_changed": "no sampled trainable tensor changed during training",
+        "loss_fell": "the training loss did not fall (last quarter of logged losses vs first quarter)",
+    }
+    lines += [f"[bold red]warning:[/] did it train? {text}" for key, text in failed.items() if checks[key] is False]
+    return {**throughput.values, "did_it_train": checks}, lines

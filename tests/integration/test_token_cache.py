@@ -1,0 +1,78 @@
+"""Tokenize once: a second run with the same inputs reads the disk cache; any input that shapes tokens misses it."""
+
+import copy
+import json
+
+import pytest
+
+import tunelab.data.cache as cache
+from conftest import arithmetic_rows, write_jsonl
+from tunelab.config.load import load_config
+from tunelab.data.build import load_splits, tokenize_splits
+from tunelab.data.template import build_template
+from tunelab.models.load import load_tokenizer
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts real tokenizations behind the cache."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return tokenize_splits(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "tokenize_splits", counting)
+    return calls
+
+
+def prepare(model, data, cache_dir, *extra):
+    config = load_config(None, [f"model.name_or_path={model}", f"data.datasets=[{{path: '{data}'}}]",
+                                "data.val_size=4", f"data.cache_dir={cache_dir}", *extra])
+    tokenizer = load_tokenizer(config.model)
+    template = build_template(config.data.template, tokenizer, config.data.custom_template)
+    return load_splits(config.data), template, tokenizer, config.data
+
+
+def as_plain(data):
+    return {name: [(e.input_ids, e.labels, e.source, e.truncation) for e in getattr(data, name)]
+            for name in ("train", "validation")}, {k: v.to_dict() for k, v in data.stats.items()}
+
+
+def test_second_run_hits_and_every_input_invalidates(tiny_model, tmp_path, counted):
+    data = write_jsonl(tmp_path / "arith.jsonl", arithmetic_rows(40))
+    store = tmp_path / "cache"
+    first, note = cache.tokenize_with_cache(*prepare(tiny_model, data, store))
+    assert note.startswith("tokenized data cached in") and len(counted) == 1
+    second, note = cache.tokenize_with_cache(*prepare(tiny_model, data, store))
+    assert note.startswith("tokenized data cache hit") and "tokenization skipped" in note
+    assert len(counted) == 1 and as_plain(second) == as_plain(first)
+
+    for extra in (["data.template=alpaca"], ["data.cutoff_len=512"], ["data.train_on=last_turn"], ["data.seed=7"]):
+        _, note = cache.tokenize_with_cache(*prepare(tiny_model, data, store, *extra))
+        assert note.startswith("tokenized data cached in"), extra
+
+    splits, template, tokenizer, config = prepare(tiny_model, data, store)
+    grown = copy.deepcopy(tokenizer)
+    grown.add_tokens(["<new_tool>"])
+    _, note = cache.tokenize_with_cache(splits, template, grown, config)
+    assert note.startswith("tokenized data cached in"), "a changed tokenizer must not hit"
+
+    with data.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"instruction": "1+1", "input": "", "output": "2"}) + "\n")
+    _, note = cache.tokenize_with_cache(*prepare(tiny_model, data, store))
+    assert note.startswith("tokenized data cached in"), "changed data must not hit"
+    assert len(counted) == 1 + 4 + 1 + 1
+
+    _, note = cache.tokenize_with_cache(*prepare(tiny_model, data, store, "data.cache_tokenized=false"))
+    assert note == "" and len(counted) == 8
+    assert len([p for p in store.iterdir() if not p.name.startswith(".")]) == 7
+
+
+def test_parallel_workers_tokenize_identically(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "arith.jsonl", arithmetic_rows(600))
+    splits, template, tokenizer, config = prepare(tiny_model, data, tmp_path / "cache")
+    one = tokenize_splits(splits, template, tokenizer, config)
+    two = tokenize_splits(splits, template, tokenizer, config.model_copy(update={"tokenize_workers": 2}))
+    assert len(one.train) > 512  # more than one worker chunk, so the pool really runs
+    assert as_plain(one) == as_plain(two)
