@@ -168,3 +168,15 @@ def test_bf16_full_tuning_saves_bf16_weights(tiny_model, arithmetic_file, tmp_pa
 
     reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir)
     assert torch.equal(reloaded.lm_head.weight, reloaded.model.embed_tokens.weight)  # ties survive the re-save
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model, arithmetic_file, tmp_path, method):
+    common = (f"method.name={method}", "train.max_steps=4", "method.lora.dropout=0.1")
+    plain = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "plain", *common))
+    saved = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "ckpt", *common,
+                                    "train.gradient_checkpointing=true"))
+    base = saved.model.get_base_model() if hasattr(saved.model, "get_base_model") else saved.model
+    assert base.is_gradient_checkpointing
+    a, b = losses(plain.output_dir), losses(saved.output_dir)
+    assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5

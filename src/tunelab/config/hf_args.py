@@ -14,6 +14,7 @@ MAPPED = {
     "output_dir", "learning_rate", "lr_scheduler_type", "weight_decay", "max_grad_norm", "num_train_epochs",
     "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
     "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "warmup_ratio", "report_to",
+    "gradient_checkpointing",
 }
 TUNELAB_ONLY = {"stage", "resume", "stop_on_nonfinite_loss", "lean_loss"}
 
@@ -62,6 +63,9 @@ def training_arguments(
         use_cpu=not _cuda_available(),
         # Non-finite losses must reach our guard, not be averaged away by the logger.
         logging_nan_inf_filter=False,
+        gradient_checkpointing=train.gradient_checkpointing,
+        # Non-reentrant: the reentrant variant needs inputs that require grad, which a frozen base never gives.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         # A flat row holds only real tokens; counting "non-pad" ids there would miss real EOS tokens whenever the
         # tokenizer pads with EOS.
         include_num_input_tokens_seen="all" if batching in FLAT_BATCHINGS else "non_padding",

@@ -253,6 +253,9 @@ class TrainConfig(Section):
     """Run the LM head only where labels are supervised, in chunks (fused on GPU with liger-kernel installed):
     the same loss, without a tokens × vocabulary logit tensor. Models whose logits are not the plain head of
     the last hidden state keep their own loss (with a message)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory, about a third more compute.
+    Non-reentrant checkpointing, so it also works when the base is frozen (LoRA, freeze)."""
 
     @property
     def output_path(self) -> Path:
