@@ -7,6 +7,7 @@ Writes ``RUN/eval/{base,fewshot,finetuned}`` eval folders, ``RUN/eval/probe/*`` 
 from __future__ import annotations
 
 import gc
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,34 +47,34 @@ def evaluate_after_training(config: TunelabConfig, console: Console) -> dict[str
     # show that "shoes" is one of six categories rather than free text.
     label_set = infer_label_set([r.answer or "" for r in (*train_pool, *records)])
     console.print(f"[bold]evaluating[/] on {len(records)} held-out test samples")
+    scoring = scoring_options(config.eval.answer_kind, config.eval.exact_match)
+    on_task = partial(evaluate_model, settings=settings, cutoff_len=cutoff, label_set=label_set, scoring=scoring,
+                      embedder=embedding_scorer(config.eval.embedding_model, console))
+    on_probe = partial(evaluate_model, settings=settings, cutoff_len=cutoff)
+
     base = load_for_eval(config.model.name_or_path, label="base", **how)
     dirs = [eval_dir / "base"]
-    scoring = scoring_options(config.eval.answer_kind, config.eval.exact_match)
-    embedder = embedding_scorer(config.eval.embedding_model, console)
-    evaluate_model(base, records, dirs[0], settings, cutoff_len=cutoff, label_set=label_set, scoring=scoring,
-                   embedder=embedder)
+    on_task(base, records, dirs[0])
     if config.eval.fewshot_k > 0:
         shots = with_examples(records, train_pool, config.eval.fewshot_k, config.data.seed)
         base.label = f"base {config.eval.fewshot_k}-shot"
         dirs.append(eval_dir / "fewshot")
-        evaluate_model(base, shots, dirs[-1], settings, cutoff_len=cutoff * 2, label_set=label_set, scoring=scoring,
-                   embedder=embedder)
+        on_task(base, shots, dirs[-1], cutoff_len=cutoff * 2)  # room for the k examples before the question
     probe_dirs = []
     if probe:
         base.label = "base"
         probe_dirs.append(eval_dir / "probe" / "base")
-        evaluate_model(base, probe, probe_dirs[-1], settings, cutoff_len=cutoff)
+        on_probe(base, probe, probe_dirs[-1])
     del base
     gc.collect()
 
     model_path, adapter_path = finetuned_model(config.method.name, config.model.name_or_path, run_dir)
     tuned = load_for_eval(model_path, adapter_path, label="fine-tuned", **how)
     dirs.append(eval_dir / "finetuned")
-    evaluate_model(tuned, records, dirs[-1], settings, cutoff_len=cutoff, label_set=label_set, scoring=scoring,
-                   embedder=embedder)
+    on_task(tuned, records, dirs[-1])
     if probe:
         probe_dirs.append(eval_dir / "probe" / "finetuned")
-        evaluate_model(tuned, probe, probe_dirs[-1], settings, cutoff_len=cutoff)
+        on_probe(tuned, probe, probe_dirs[-1])
     comparison = compare_evals(dirs, eval_dir / "report", probe_dirs=probe_dirs or None)
     console.print(f"[bold]report[/]: {eval_dir / 'report' / 'comparison.md'} (and comparison.html)")
     return comparison
