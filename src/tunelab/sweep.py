@@ -70,6 +70,9 @@ def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
     return grid
 
 
+BASE_CACHE = "base-evals"  # runs on the same base and split share its evaluation instead of repeating it
+
+
 def plan_sweep(config_path: str | None, overrides: Sequence[str], grid_items: Sequence[str]) -> list[SweepRun]:
     """Every combination's validated config, checked before any model loads (all problems of one run at once)."""
     grid = parse_grid(grid_items)
@@ -79,7 +82,8 @@ def plan_sweep(config_path: str | None, overrides: Sequence[str], grid_items: Se
         assignment = dict(zip((k for k, _ in grid), values, strict=True))
         name = _unique(_combination_name(assignment), {r.name for r in runs})
         config = load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in assignment.items()),
-                                           "eval.after_training=true", f"train.output_dir={root / name}"])
+                                           "eval.after_training=true", f"train.output_dir={root / name}",
+                                           f"eval.base_cache_dir={root / BASE_CACHE}"])
         try:
             resolve_dtype(config.model.dtype)
             check_attention(config.model.attn_implementation)

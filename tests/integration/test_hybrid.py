@@ -106,3 +106,30 @@ def test_resume_across_the_switch_reproduces_the_uninterrupted_run(tiny_model, a
         assert len(resumed) == 4, checkpoint
         assert max(abs(a - b) for a, b in zip(expected, resumed, strict=True)) < 1e-5, (checkpoint, expected, resumed)
         assert [r["step"] for r in metrics(partial) if r.get("event") == "hybrid_switch"] == [2]
+
+
+def test_switch_under_two_process_ddp(tiny_model, arithmetic_file, tmp_path):
+    """Each rank switches its own replica; rank 0 alone writes hybrid-base/, the switch checkpoint and the log."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {{name_or_path: '{tiny_model}', dtype: fp32}}\n"
+        f"data: {{datasets: [{{path: '{arithmetic_file}'}}], test_size: 8, val_size: 0}}\n"
+        "method: {name: hybrid, hybrid: {full_fraction: 0.5}, lora: {rank: 4, dropout: 0.0}}\n"
+        f"train: {{output_dir: '{run}', max_steps: 4, logging_steps: 1, report_to: none, learning_rate: 0.003,"
+        " per_device_train_batch_size: 4, save_steps: 1000}\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "-m", "tunelab.cli", "train", str(config)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in metrics(run) if r.get("event") == "hybrid_switch"] == [2]
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4]  # one writer
+    assert (run / "hybrid-base" / "model.safetensors").is_file() and (run / "hybrid-base" / "config.json").is_file()
+    assert (run / "adapter_model.safetensors").is_file() and not (run / "hybrid-switch").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["hybrid"]["switch_step"] == 2

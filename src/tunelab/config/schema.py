@@ -21,6 +21,11 @@ MethodName = Literal[
 Stage = Literal["sft"]
 Batching = Literal["padding_free", "padded", "packed", "length_grouped"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
+Optimizer = Literal[
+    "adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adagrad", "rmsprop",
+    "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit", "paged_lion_8bit",
+    "paged_lion_32bit", "ademamix", "ademamix_8bit", "paged_ademamix_8bit", "paged_ademamix_32bit",
+]
 
 
 class Section(BaseModel):
@@ -101,7 +106,9 @@ class ModelConfig(Section):
     name_or_path: str = ""
     """A hub id or a local folder holding a transformers model."""
     dtype: Dtype = "auto"
-    """Weight precision; ``auto`` picks bf16 on GPUs that support it, else fp32."""
+    """Weight precision. ``auto``: on a GPU bf16 where it runs natively, else fp16 (tensor cores), else fp32; when
+    training on a CPU, bf16 autocast if the processor computes bf16 natively (AMX or AVX512_BF16), else fp32
+    (evaluation and serving on a CPU stay fp32). The choice and its reason are printed and stored in summary.json."""
     attn_implementation: AttnImplementation | None = None
     """Attention kernel; ``null`` lets transformers choose (sdpa when available)."""
     trust_remote_code: bool = False
@@ -256,6 +263,22 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory, about a third more compute.
     Non-reentrant checkpointing, so it also works when the base is frozen (LoRA, freeze)."""
+    activation_offload: bool = False
+    """Move the activations saved for the backward pass to (pinned) CPU memory during the forward, and back for the
+    backward: less GPU memory, slower steps (each saved tensor crosses the PCIe bus twice). With
+    ``gradient_checkpointing`` only each layer's input is saved, so together they keep the least on the GPU. Needs
+    a CUDA GPU."""
+    torch_compile: bool = False
+    """Compile each decoder layer with ``torch.compile`` (one compiled graph serves every layer; the padding-free
+    attention stays eager). The first steps are slower while it compiles: summary.json reports that time as
+    ``compile_s`` and leaves it out of tokens/s. Inductor on a CPU needs a C++ compiler."""
+    torch_compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """``inductor`` generates fused kernels (the speed-up); ``aot_eager`` traces the forward and backward graphs and
+    runs them eagerly: no speed-up and no compiler needed, for checking that a model compiles."""
+    optim: Optimizer = "adamw_torch_fused"
+    """Optimizer, by its transformers name. The bitsandbytes ones keep optimizer state in 8 bits (``*_8bit``,
+    about a quarter of AdamW's state memory) or page it to CPU memory under GPU memory pressure (``paged_*``,
+    CUDA only); they need bitsandbytes (``pip install 'tunelab[gpu]'``)."""
 
     @property
     def output_path(self) -> Path:
@@ -283,6 +306,10 @@ class EvalConfig(Section):
     forgetting_probe: bool = True
     """Also evaluate base and fine-tuned models on the bundled general-ability probe."""
     probe_max_samples: int | None = Field(None, ge=1)
+    base_cache_dir: str | None = None
+    """A folder that keeps the base model's columns (base, few-shot, probe) keyed by everything they depend on
+    (base model files, template, eval settings, test and few-shot samples): a later run with the same key copies
+    them instead of generating again. ``tunelab sweep`` sets it so the base is evaluated once per sweep."""
 
 
 class TunelabConfig(Section):

@@ -160,14 +160,16 @@ def run_rope_scaling(folder: Path | None) -> RopeScaling | None:
 def load_for_eval(
     model_path: str, adapter: str | None = None, *, template: str | None = None, dtype: Dtype = "auto",
     label: str | None = None, trust_remote_code: bool = False, custom_template: CustomTemplate | None = None,
+    quantization: Any = None,
 ) -> LoadedModel:
+    """A model (plus adapter) ready to generate; ``quantization`` (a BitsAndBytesConfig) loads the base k-bit."""
     adapter_dir = resolve_adapter(adapter)
     model_dir = Path(model_path)
     config = ModelConfig(name_or_path=model_path, dtype=dtype, trust_remote_code=trust_remote_code,
                          rope_scaling=run_rope_scaling(adapter_dir))
     tokenizer = _load_column_tokenizer(config, adapter_dir)
     # An adapter trained with model.new_special_tokens expects the grown vocabulary (its tokenizer has it).
-    model = match_vocabulary(load_model(config), tokenizer)
+    model = match_vocabulary(load_model(config, quantization=quantization), tokenizer)
     if adapter_dir is not None:
         from peft import PeftModel
 

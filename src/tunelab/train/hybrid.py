@@ -14,6 +14,8 @@ How the switch works, and why:
   Resuming from one loads that base and the adapter; resuming from ``checkpoint-S`` itself redoes the switch.
 * The final run folder holds the adapter at its top level (like a LoRA run) and the full weights it applies to in
   ``hybrid-base/``: evaluate with ``tunelab eval --model RUN/hybrid-base --adapter RUN``.
+* Under DDP every rank switches its own replica (same weights, same seeded adapters); only the main process writes
+  ``hybrid-base/``, the switch checkpoint and the log entry, and the others wait for it before they resume.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from tunelab.models.methods.hybrid import HYBRID_BASE_DIR, attach_lora_to_full, 
 BASE_DIR = HYBRID_BASE_DIR
 SWITCH_DIR = "hybrid-switch"
 SWITCH_EVENT = "hybrid_switch"
-_COPIED_STATE = ("trainer_state.json", "rng_state.pth", "scheduler.pt", "scaler.pt")
+_COPIED_STATE = ("trainer_state.json", "rng_state*.pth", "scheduler.pt", "scaler.pt")  # rng_state_N.pth per rank
 
 
 class StopAtSwitch(TrainerCallback):
@@ -100,20 +102,30 @@ def train_hybrid(
     del trainer  # frees phase 1's optimizer moments (two copies of every weight) before the LoRA phase
     gc.collect()
 
+    from accelerate import PartialState
+
+    processes = PartialState()
     step = _read_state(switch_checkpoint)["global_step"]
     base_dir = out / BASE_DIR
-    model.to(weight_dtype(config.model.dtype)).save_pretrained(base_dir)
+    model.to(weight_dtype(config.model.dtype))
+    if processes.is_main_process:
+        model.save_pretrained(base_dir)
     trainer = make_trainer(model=_attach(model, config))
-    trainer.processing_class.save_pretrained(base_dir)  # hybrid-base/ is then a complete model folder
-    switch_dir = _write_switch_checkpoint(trainer, switch_checkpoint, out / SWITCH_DIR)
     adapter_trainable = count_parameters(trainer.model)[0]
-    _log_switch(out / "metrics.jsonl", step, full_trainable, adapter_trainable)
-    console.print(f"[bold]hybrid switch[/] after step {step}: full weights saved to {base_dir} and frozen; LoRA "
-                  f"continues with {adapter_trainable:,} trainable parameters (was {full_trainable:,})")
+    switch_dir = out / SWITCH_DIR
+    if processes.is_main_process:
+        trainer.processing_class.save_pretrained(base_dir)  # hybrid-base/ is then a complete model folder
+        _write_switch_checkpoint(trainer, switch_checkpoint, switch_dir)
+        _log_switch(out / "metrics.jsonl", step, full_trainable, adapter_trainable)
+        console.print(f"[bold]hybrid switch[/] after step {step}: full weights saved to {base_dir} and frozen; "
+                      f"LoRA continues with {adapter_trainable:,} trainable parameters (was {full_trainable:,})")
+    processes.wait_for_everyone()
     try:
         trainer.train(resume_from_checkpoint=str(switch_dir))
     finally:
-        shutil.rmtree(switch_dir, ignore_errors=True)
+        processes.wait_for_everyone()
+        if processes.is_main_process:
+            shutil.rmtree(switch_dir, ignore_errors=True)
     return trainer, _facts(step, full_trainable, out)
 
 
@@ -169,9 +181,9 @@ def _write_switch_checkpoint(trainer: Any, checkpoint: Path, folder: Path) -> Pa
     """
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    for name in _COPIED_STATE:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, folder / name)
+    for pattern in _COPIED_STATE:
+        for path in checkpoint.glob(pattern):
+            shutil.copy2(path, folder / path.name)
     trainer.model.save_pretrained(folder)
     scheduler = torch.load(checkpoint / "scheduler.pt", weights_only=True)
     trainer.create_optimizer()
