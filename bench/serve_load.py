@@ -1,17 +1,20 @@
-"""Bounded load against a local `tunelab serve`: concurrent streaming chat requests with the official openai client.
+"""Bounded load against a local `tunelab serve`: the batching engine against one `generate` per request.
 
-Builds the tiny demo-shaped model (random weights, tokenizer trained on the bundled corpus), starts
-`tunelab serve --port 0` on 127.0.0.1 for each --max-concurrency value, and sends ROUNDS rounds of REQUESTS
-concurrent streaming requests. Every request asks for exactly --tokens tokens (``min_tokens`` = ``max_tokens``),
-so each has the same work and a complete answer is checkable: the stream must start with the assistant role,
-carry text, end with one ``finish_reason`` (``length``), and report usage of exactly --tokens completion tokens.
-Prints requests/s, completion tokens/s, p50/p95 latency and time to first token, and the error count (the exit
-status is 1 unless it is 0 and every answer is complete).
+Builds the tiny demo-shaped model (random weights, tokenizer trained on the bundled corpus) and starts two
+`tunelab serve --port 0` processes on 127.0.0.1 with the same --max-concurrency: one batching
+(`--max-batch-size` --batch-size) and one in the previous mode (`--max-batch-size 1`: each request runs its own
+`generate` in a thread). Each gets one warm-up request, then ROUNDS rounds of REQUESTS concurrent streaming chat
+requests go to one server and then the other, the order alternating every round, so both see the same machine
+load. Every request asks for exactly --tokens tokens (``min_tokens`` = ``max_tokens``), so each has the same work
+and a complete answer is checkable: the stream must start with the assistant role, carry text, end with one
+``finish_reason`` (``length``), and report usage of exactly --tokens completion tokens. Prints, per mode,
+requests/s, completion tokens/s, p50/p95 latency and time to first token, and the error count, then the ratios
+(the exit status is 1 unless every answer is complete).
 
-    python bench/serve_load.py [--requests 64] [--rounds 3] [--tokens 32] [--concurrency 1,4,8] [--threads 1]
+    python bench/serve_load.py [--requests 64] [--rounds 4] [--tokens 32] [--concurrency 8] [--batch-size 8]
+                               [--threads 1]
 
-Bounded: at most requests x rounds x len(concurrency) requests, each round under --round-timeout seconds, all on
-127.0.0.1.
+Bounded: 2 x requests x rounds requests, each round under --round-timeout seconds, all on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -47,9 +50,20 @@ class Outcome:
 
 @dataclass
 class Result:
-    concurrency: int
+    mode: str
+    batch_size: int
     outcomes: list[Outcome] = field(default_factory=list)
     wall: float = 0.0
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.outcomes) / self.wall
+
+    def latency(self, q: int) -> float:
+        return percentile([o.latency for o in self.outcomes if not o.error], q)
+
+    def ttft(self, q: int) -> float:
+        return percentile([o.ttft for o in self.outcomes if o.ttft is not None], q)
 
 
 def build_model(out: Path) -> Path:
@@ -60,10 +74,11 @@ def build_model(out: Path) -> Path:
 
 
 def start_server(
-    model: Path, concurrency: int, queue: int, threads: int | None, log: Path
+    model: Path, concurrency: int, batch_size: int, queue: int, threads: int | None, log: Path
 ) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "tunelab.cli", "serve", "--model", str(model), "--served-model-name", "tiny",
-               "--port", "0", "--max-concurrency", str(concurrency), "--max-queue", str(queue)]
+               "--port", "0", "--max-concurrency", str(concurrency), "--max-batch-size", str(batch_size),
+               "--max-queue", str(queue)]
     command += ["--threads", str(threads)] if threads else []
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
     with log.open("w") as errors:
@@ -114,18 +129,27 @@ async def one_request(client, index: int, tokens: int) -> Outcome:
     return outcome
 
 
-async def run_rounds(url: str, requests: int, rounds: int, tokens: int, timeout: float, result: Result) -> None:
+async def run_rounds(urls: list[str], results: list[Result], args: argparse.Namespace) -> None:
+    """Warm each server up, then alternate: round r goes to the servers in turn, starting with server r mod 2."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=timeout)
-    await one_request(client, 0, tokens)  # warm-up, not counted
-    for _ in range(rounds):
-        started = time.perf_counter()
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(*(one_request(client, i, tokens) for i in range(requests))), timeout)
-        result.wall += time.perf_counter() - started
-        result.outcomes += outcomes
-    await client.close()
+    clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=args.round_timeout)
+               for url in urls]
+    for client in clients:
+        await one_request(client, 0, args.tokens)  # warm-up, not counted
+    for round_index in range(args.rounds):
+        order = range(len(clients)) if round_index % 2 == 0 else reversed(range(len(clients)))
+        for i in order:
+            started = time.perf_counter()
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*(one_request(clients[i], k, args.tokens) for k in range(args.requests))),
+                args.round_timeout)
+            results[i].wall += time.perf_counter() - started
+            results[i].outcomes += outcomes
+            print(f"round {round_index + 1}, {results[i].mode}: {len(outcomes)} requests in "
+                  f"{time.perf_counter() - started:.1f}s", flush=True)
+    for client in clients:
+        await client.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -136,33 +160,37 @@ def percentile(values: list[float], q: float) -> float:
 
 def report(results: list[Result], args: argparse.Namespace) -> int:
     print(f"\ndevice: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
-          f"torch {torch.__version__}, server --threads {args.threads or 'default'}; {args.requests} concurrent "
-          f"streaming requests x {args.rounds} rounds, {args.tokens} tokens each; load average before: "
-          f"{args.load_before:.1f}\n")
-    print("| --max-concurrency | requests | errors | requests/s | tokens/s | latency p50 / p95 (s) "
+          f"torch {torch.__version__}, server --threads {args.threads or 'default'}, --max-concurrency "
+          f"{args.concurrency}; {args.requests} concurrent streaming requests x {args.rounds} rounds per mode, "
+          f"{args.tokens} tokens each; load average before: {args.load_before:.1f}, after: "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print("| mode | --max-batch-size | requests | errors | requests/s | tokens/s | latency p50 / p95 (s) "
           "| TTFT p50 / p95 (s) |")
-    print("|---:|---:|---:|---:|---:|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
     failed = 0
     for r in results:
         errors = [o.error for o in r.outcomes if o.error]
         failed += len(errors)
-        latency = [o.latency for o in r.outcomes if not o.error]
-        ttft = [o.ttft for o in r.outcomes if o.ttft is not None]
         tokens = sum(o.tokens for o in r.outcomes)
-        print(f"| {r.concurrency} | {len(r.outcomes)} | {len(errors)} | {len(r.outcomes) / r.wall:.1f} | "
-              f"{tokens / r.wall:.0f} | {percentile(latency, 50):.2f} / {percentile(latency, 95):.2f} | "
-              f"{percentile(ttft, 50):.2f} / {percentile(ttft, 95):.2f} |")
+        print(f"| {r.mode} | {r.batch_size} | {len(r.outcomes)} | {len(errors)} | {r.requests_per_s:.1f} | "
+              f"{tokens / r.wall:.0f} | {r.latency(50):.2f} / {r.latency(95):.2f} | "
+              f"{r.ttft(50):.2f} / {r.ttft(95):.2f} |")
         for error in sorted(set(errors))[:5]:
             print(f"    error: {error}")
+    batched, single = results
+    print(f"\nbatched / one generate per request: requests/s x{batched.requests_per_s / single.requests_per_s:.2f}, "
+          f"latency p50 x{batched.latency(50) / single.latency(50):.2f}, "
+          f"p95 x{batched.latency(95) / single.latency(95):.2f}, TTFT p50 x{batched.ttft(50) / single.ttft(50):.2f}")
     return 1 if failed else 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per mode, alternating (default 4)")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--concurrency", default="1,4,8", help="comma-separated --max-concurrency values")
+    parser.add_argument("--concurrency", type=int, default=8, help="both servers' --max-concurrency (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="the batching server's --max-batch-size")
     parser.add_argument("--round-timeout", type=float, default=300)
     parser.add_argument("--threads", type=int, default=1,
                         help="the server's --threads (default 1; 0 = torch's choice). A model this small gains nothing "
@@ -170,19 +198,19 @@ def main() -> int:
                              "17x slower (38 vs 2.2 ms/token)")
     args = parser.parse_args()
     args.load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
-    results = []
+    results = [Result("batched", args.batch_size), Result("one generate per request", 1)]
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         model = build_model(Path(tmp) / "tiny")
-        for concurrency in (int(c) for c in args.concurrency.split(",")):
-            process, url = start_server(model, concurrency, args.requests, args.threads,
-                                        Path(tmp) / f"server-{concurrency}.log")
-            try:
-                result = Result(concurrency)
-                asyncio.run(run_rounds(url, args.requests, args.rounds, args.tokens, args.round_timeout, result))
-                results.append(result)
-                print(f"--max-concurrency {concurrency}: {len(result.outcomes)} requests in {result.wall:.1f}s",
-                      flush=True)
-            finally:
+        processes, urls = [], []
+        try:
+            for result in results:
+                process, url = start_server(model, args.concurrency, result.batch_size, args.requests, args.threads,
+                                            Path(tmp) / f"server-{result.batch_size}.log")
+                processes.append(process)
+                urls.append(url)
+            asyncio.run(run_rounds(urls, results, args))
+        finally:
+            for process in processes:
                 process.terminate()
                 process.wait(timeout=30)
     return report(results, args)

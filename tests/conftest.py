@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tunelab.config.load import load_config
 from tunelab.demo.tiny import save_tiny
@@ -88,3 +89,21 @@ def shared_lora_run(tiny_model: Path, factory: pytest.TempPathFactory) -> Path:
         "train.report_to=none", "train.save_steps=1000",
     ])
     return run_training(config).output_dir
+
+
+def prompt_adapter_with_random_tokens(tiny_model: Path, method: str) -> torch.nn.Module:
+    """A prompt-learning (or IA3) adapter on the tiny model whose trainable weights are pushed far from their
+    initial values, so that the virtual tokens visibly change the outputs; in eval mode."""
+    from tunelab.models.load import load_model
+    from tunelab.models.methods import apply_method
+
+    config = load_config(None, [f"model.name_or_path={tiny_model}", "model.dtype=fp32", f"method.name={method}",
+                                "method.prefix.num_virtual_tokens=4", "method.ptuning.num_virtual_tokens=4",
+                                "method.prompt_tuning.num_virtual_tokens=4", "method.ptuning.encoder_hidden_size=32"])
+    torch.manual_seed(0)
+    model = apply_method(load_model(config.model), config.method)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    return model.eval()

@@ -1,8 +1,9 @@
 """`tunelab serve` as clients use it: a real uvicorn process on 127.0.0.1, driven by the official openai client.
 
-One server for the module (base model + one trained LoRA adapter, an API key, one generation slot and one queue
-place, so the 429 and cancellation paths are reachable); answers are checked against generation done here with
-plain transformers on the same prompts.
+Two servers for the module, both with the base model + one trained LoRA adapter and an API key: ``server`` has one
+generation slot and one queue place, so the 429 and cancellation paths are reachable; ``batch_server`` admits 8
+requests at once, so concurrent requests share one decoding batch. Answers are checked against generation done
+here with plain transformers on the same prompts, and concurrent answers against the same requests sent one by one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +50,24 @@ def calc_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="module")
 def server(tiny_model: Path, calc_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    yield from _serve(tiny_model, calc_run, tmp_path_factory, "--max-concurrency", "1", "--max-queue", "1")
+
+
+@pytest.fixture(scope="module")
+def batch_server(
+    tiny_model: Path, calc_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    yield from _serve(tiny_model, calc_run, tmp_path_factory, "--max-concurrency", "8", "--max-batch-size", "8")
+
+
+def _serve(tiny_model: Path, calc_run: Path, factory: pytest.TempPathFactory, *flags: str) -> Iterator[dict[str, Any]]:
     patch = pytest.MonkeyPatch()
     for var in PROXY_VARIABLES:
         patch.delenv(var, raising=False)  # 127.0.0.1 must not go through a proxy
-    log = tmp_path_factory.mktemp("serve_log") / "server.log"
+    log = factory.mktemp("serve_log") / "server.log"
     command = [sys.executable, "-m", "tunelab.cli", "serve", "--model", str(tiny_model), "--served-model-name",
                "tiny-base", "--adapter", f"calc={calc_run}", "--port", "0", "--api-key", KEY,
-               "--max-concurrency", "1", "--max-queue", "1", "--max-tokens-limit", "2000",
-               "--max-request-bytes", str(MAX_BODY)]
+               "--max-tokens-limit", "2000", "--max-request-bytes", str(MAX_BODY), *flags]
     with log.open("w") as errors:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True,
                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -213,7 +225,12 @@ def test_api_key_guards_everything_but_health(server):
      "temprature: unrecognized request argument"),
     (b'{"model": "calc", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}', 400,
      "max_tokens is 5000; this server allows at most 2000"),
-    (b'{"model": "calc", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n: "),
+    (b'{"model": "calc", "messages": [{"role": "user", "content": "hi"}], "n": 9}', 400,
+     "n is 9; this server decodes at most 8 answer(s) at once (--max-batch-size 8)"),
+    (b'{"model": "calc", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400,
+     "logprobs are not supported"),
+    (b'{"model": "calc", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', 400,
+     "tools are not supported"),
     (b'{"model": "calc", "messages": [{"role": "assistant", "content": "hi"}]}', 400, "last message"),
     (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}', 404, "'gpt-4' does not exist"),
 ])
@@ -301,6 +318,117 @@ def _take(stream: Any, n: int) -> list[Any]:
         if len(out) == n:
             break
     return out
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+
+def _chat(openai_client: Any, question: str, model: str = "calc", **options: Any) -> tuple[str, str, int]:
+    response = openai_client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], **{"temperature": 0, **options})
+    choice = response.choices[0]
+    return choice.message.content, choice.finish_reason, response.usage.completion_tokens
+
+
+def test_n_choices_are_rows_of_one_batch(server, reference):
+    openai_client = client(server)
+    want = reference["calc"]
+    response = openai_client.chat.completions.create(
+        model="calc", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=12, n=3)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert [(c.message.content, c.finish_reason) for c in response.choices] == [(want["text"], "stop")] * 3
+    assert response.usage.prompt_tokens == want["prompt_tokens"]  # the prompt is counted once
+    assert response.usage.completion_tokens == 3 * want["tokens"]
+
+    def sampled() -> list[str]:
+        answer = openai_client.completions.create(model="tiny-base", prompt="1 2 3", temperature=1.0, seed=5,
+                                                  max_tokens=8, n=2)
+        return [c.text for c in answer.choices]
+
+    first = sampled()
+    assert first == sampled() and first[0] != first[1]  # the seed fixes the sampling; each choice has its own
+
+
+def test_n_choices_stream_with_their_index(server):
+    openai_client = client(server)
+    whole = openai_client.completions.create(model="calc", prompt="1 2 3", temperature=0, max_tokens=6)
+    chunks = list(openai_client.completions.create(model="calc", prompt="1 2 3", temperature=0, max_tokens=6, n=2,
+                                                   stream=True, stream_options={"include_usage": True}))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(c.text for c in mine) == whole.choices[0].text
+        assert [c.finish_reason for c in mine if c.finish_reason] == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == 2 * whole.usage.completion_tokens
+
+
+def test_concurrent_requests_share_a_batch_and_answer_as_if_alone(batch_server):
+    """Greedy answers of requests decoded together, each with its own max_tokens and stop strings, equal the same
+    requests sent one at a time; a short one finishes early while long ones go on."""
+    openai_client = client(batch_server)
+    questions = ["What is 2 plus 3?", "计算 4 加 5", "hi", "Add two blue hoodies in size M to my cart.",
+                 "这款运动鞋还有货吗？", "What is the price of the black jacket?"]
+    long_text = _chat(openai_client, questions[4], model="tiny-base", max_tokens=12)[0]
+    requests = [
+        (questions[0], "calc", {"max_tokens": 12}),
+        (questions[1], "calc", {"max_tokens": 2}),  # finishes early
+        (questions[2], "calc", {"max_tokens": 24, "extra_body": {"min_tokens": 24}}),  # goes on longest
+        (questions[3], "calc", {"max_tokens": 10}),
+        (questions[4], "tiny-base", {"max_tokens": 12, "stop": [long_text[4:7]]}),  # its own stop string
+        (questions[5], "calc", {"max_tokens": 16}),
+    ]
+    alone = [_chat(openai_client, q, model, **options) for q, model, options in requests]
+    before = health(batch_server)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda r: _chat(openai_client, r[0], r[1], **r[2]), requests))
+    assert together == alone
+    assert alone[1][1:] == ("length", 2) and alone[2][1:] == ("length", 24)
+    assert alone[4][0] == long_text[: long_text.find(long_text[4:7])] and alone[4][1] == "stop"
+    state = health(batch_server)
+    assert state["completed"] == before["completed"] + len(requests) and state["failed"] == before["failed"]
+    assert state["peak_batch_rows"] >= 2  # they really were decoded together
+
+
+def test_a_client_leaving_mid_stream_leaves_the_others_intact(batch_server):
+    openai_client = client(batch_server)
+    options = {"max_tokens": 100, "extra_body": {"min_tokens": 100}}
+    questions = ["计算 4 加 5", "What is the price of the black jacket?"]
+    alone = [_chat(openai_client, q, "tiny-base", **options) for q in questions]
+    before = health(batch_server)
+    started = [threading.Event() for _ in questions]
+
+    def read(index: int) -> tuple[str, str | None, int]:
+        stream = openai_client.chat.completions.create(
+            model="tiny-base", messages=[{"role": "user", "content": questions[index]}], temperature=0,
+            stream=True, stream_options={"include_usage": True}, **options)
+        chunks = []
+        for chunk in stream:
+            chunks.append(chunk)
+            if chunk.choices and chunk.choices[0].delta.content:
+                started[index].set()
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        return text, finishes[0] if finishes else None, chunks[-1].usage.completion_tokens
+
+    leaving = _long_stream(openai_client)  # 1900 tokens: still generating when the readers get text
+    assert len(_take(leaving, 3)) == 3
+    with ThreadPoolExecutor(len(questions)) as pool:
+        readers = [pool.submit(read, i) for i in range(len(questions))]
+        assert all(event.wait(timeout=30) for event in started)  # all three rows are in the batch now
+        leaving.close()
+        results = [r.result(timeout=60) for r in readers]
+    assert results == alone and all(r[1:] == ("length", 100) for r in results)
+    state = _wait(batch_server, lambda s: s["running"] == 0)
+    assert state["cancelled"] == before["cancelled"] + 1 and state["failed"] == before["failed"]
+
+
+def test_requests_for_different_adapters_take_turns(batch_server, reference):
+    openai_client = client(batch_server)
+    models = ["calc", "tiny-base"] * 3
+    with ThreadPoolExecutor(len(models)) as pool:
+        answers = list(pool.map(lambda m: _chat(openai_client, QUESTION, m, max_tokens=12), models))
+    for model, (text, finish, tokens) in zip(models, answers, strict=True):
+        assert (text, tokens) == (reference[model]["text"], reference[model]["tokens"]), model
+        assert finish == ("stop" if reference[model]["ended"] else "length")
 
 
 # ----------------------------------------------------------------------------------------------- pieces

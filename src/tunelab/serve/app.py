@@ -3,8 +3,9 @@
 Every error leaves as OpenAI-style JSON (``{"error": {"message", "type", "param", "code"}}``), including unknown
 routes and unexpected exceptions (logged server-side, answered as a 500 without a traceback). Order of checks per
 request: API key (401) -> body size (413) -> JSON and fields (400) -> model id (404) -> ``max_tokens`` and context
-length (400) -> a generation slot (429 when the line is full). A client that disconnects -- while waiting for a
-slot, during a non-streaming generation or mid-stream -- cancels its generation.
+length (400) -> ``n`` against ``--max-batch-size`` (400) -> a generation slot (429 when the line is full). A client
+that disconnects -- while waiting for a slot, during a non-streaming generation or mid-stream -- cancels its
+generation.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route functions' annotations (``Request``)
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tunelab.data.tokenize import encode_prompt
-from tunelab.serve.engine import Job, ModelPool, QueueFull, Scheduler
+from tunelab.serve.engine import Job, ModelPool, QueueFull, build_engine
 from tunelab.serve.generation import SamplingOptions
 from tunelab.serve.protocol import (
     ApiError,
@@ -43,8 +44,10 @@ OPEN_PATHS = frozenset({"/health"})
 
 @dataclass(frozen=True)
 class ServeLimits:
-    max_concurrency: int = 4
+    max_concurrency: int = 8
     max_queue: int = 64
+    max_batch_size: int = 8
+    """Rows decoded together (a request with ``n`` choices is ``n`` rows); 1 runs each request in its own thread."""
     max_tokens_limit: int = 2048
     max_request_bytes: int = 1 << 20
     api_key: str | None = None
@@ -140,6 +143,10 @@ async def _disconnected(request: Any) -> None:
         pass
 
 
+def _choices(request: ChatCompletionRequest | CompletionRequest) -> int:
+    return 1 if request.n is None else request.n
+
+
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -150,15 +157,17 @@ class OpenAIServer:
     def __init__(self, pool: ModelPool, limits: ServeLimits) -> None:
         self.pool = pool
         self.limits = limits
-        self.scheduler = Scheduler(limits.max_concurrency, limits.max_queue, pool.activate)
+        self.engine, self.scheduler = build_engine(pool, max_concurrency=limits.max_concurrency,
+                                                   max_queue=limits.max_queue, max_batch_size=limits.max_batch_size)
         self.created = int(time.time())
         self.jobs: set[Job] = set()
 
     def health(self) -> dict[str, Any]:
         s = self.scheduler
-        return {"status": "ok", "models": self.pool.ids, "running": s.running, "queued": s.queued,
-                "completed": s.stats.completed, "cancelled": s.stats.cancelled, "left_queue": s.stats.left_queue,
-                "rejected": s.stats.rejected, "failed": s.stats.failed}
+        return {"status": "ok", "models": self.pool.ids, "running": s.running, "running_rows": s.running_rows,
+                "queued": s.queued, "completed": s.stats.completed, "cancelled": s.stats.cancelled,
+                "left_queue": s.stats.left_queue, "rejected": s.stats.rejected, "failed": s.stats.failed,
+                "max_batch_size": self.limits.max_batch_size, "peak_batch_rows": s.stats.peak_batch_rows}
 
     def models(self) -> dict[str, Any]:
         return models_list(self.pool.ids, self.created)
@@ -190,16 +199,21 @@ class OpenAIServer:
         if request.min_tokens > max_tokens:
             raise ApiError(400, f"min_tokens ({request.min_tokens}) is above max_tokens ({max_tokens})",
                            param="min_tokens")
+        rows = self.limits.max_batch_size
+        if _choices(request) > rows:
+            raise ApiError(400, f"n is {request.n}; this server decodes at most {rows} answer(s) at once "
+                                f"(--max-batch-size {rows})", param="n")
         temperature = 1.0 if request.temperature is None else request.temperature
         options = SamplingOptions(max_new_tokens=max_tokens, temperature=temperature,
                                   top_p=1.0 if request.top_p is None else request.top_p,
-                                  min_new_tokens=request.min_tokens, stop=request.stop_strings)
+                                  min_new_tokens=request.min_tokens, stop=request.stop_strings, seed=request.seed)
         return loaded, prompt, options
 
     async def _admit(self, http: Any, request: Any, chat: bool) -> Job:
         loaded, prompt, options = self._prepare(request)
+        n = _choices(request)
         try:
-            await _until_disconnect(http, self.scheduler.acquire(request.model))
+            await _until_disconnect(http, self.scheduler.acquire(request.model, rows=n))
         except QueueFull:
             raise ApiError(429, f"the server is busy: {self.scheduler.running} requests running and "
                                 f"{self.scheduler.queued} waiting (--max-concurrency {self.limits.max_concurrency}, "
@@ -208,10 +222,10 @@ class OpenAIServer:
         # Chat answers end at the template's end of turn; raw completions only at end of sequence or `stop`.
         stops = (*loaded.template.stop_strings, *options.stop) if chat else options.stop
         stops = (*stops, loaded.tokenizer.pad_token or "")
-        job = Job(asyncio.get_running_loop(), self.scheduler, loaded, prompt, options, stops=stops,
-                  extra_eos=options.stop)
+        job = Job(asyncio.get_running_loop(), self.scheduler, request.model, loaded, prompt, options, n=n,
+                  stops=stops, extra_eos=options.stop)
         self.jobs.add(job)
-        job.start()
+        self.engine.start(job)
         return job
 
     async def complete(self, http: Any, body: bytes, chat: bool) -> Any:
@@ -222,36 +236,42 @@ class OpenAIServer:
         if request.stream:
             return _cancellable_stream(self._stream(job, ids, chat, request), on_close=lambda: self._abandon(job))
         try:
-            completion = await _until_disconnect(http, job.wait())
+            completions = await _until_disconnect(http, job.wait())
         except ClientGone:
             job.cancel.set()
             raise
         finally:
             self._forget(job)
         build = chat_response if chat else completion_response
-        return _json_response(200, build(ids, completion.text, completion.finish_reason, completion.prompt_tokens,
-                                         completion.completion_tokens))
+        answers = [(c.text, c.finish_reason) for c in completions]
+        return _json_response(200, build(ids, answers, len(job.prompt_ids),
+                                         sum(c.completion_tokens for c in completions)))
 
     async def _stream(self, job: Job, ids: ResponseIds, chat: bool, request: Any) -> AsyncIterator[str]:
+        """Chunks of every choice as they come (each with its ``index``), each choice's ``finish_reason`` when it
+        ends, then usage (when asked for) and ``[DONE]``."""
         usage = bool(request.stream_options and request.stream_options.include_usage)
         try:
             if chat:
-                yield _sse(chat_chunk(ids, {"role": "assistant", "content": ""}, None, usage))
-            async for piece in job.text():
-                yield _sse(chat_chunk(ids, {"content": piece}, None, usage) if chat
-                           else completion_chunk(ids, piece, None, usage))
-            try:
-                completion = await job.wait()
-            except Exception:
-                logger.exception("generation failed")
-                yield _sse(ApiError(500, "generation failed; see the server log", type="server_error",
-                                    code="internal_error").body())
-                return
-            yield _sse(chat_chunk(ids, {}, completion.finish_reason, usage) if chat
-                       else completion_chunk(ids, "", completion.finish_reason, usage))
+                for index in range(job.n):
+                    yield _sse(chat_chunk(ids, {"role": "assistant", "content": ""}, None, usage, index))
+            async for index, piece in job.events():
+                completion = job.completions[index]
+                if piece is not None:
+                    yield _sse(chat_chunk(ids, {"content": piece}, None, usage, index) if chat
+                               else completion_chunk(ids, piece, None, usage, index))
+                elif completion is None:
+                    logger.error("generation failed", exc_info=job.error)
+                    yield _sse(ApiError(500, "generation failed; see the server log", type="server_error",
+                                        code="internal_error").body())
+                    return
+                else:
+                    yield _sse(chat_chunk(ids, {}, completion.finish_reason, usage, index) if chat
+                               else completion_chunk(ids, "", completion.finish_reason, usage, index))
             if usage:
+                done = [c for c in job.completions if c is not None]
                 yield _sse(usage_chunk(ids, "chat.completion.chunk" if chat else "text_completion",
-                                       completion.prompt_tokens, completion.completion_tokens))
+                                       len(job.prompt_ids), sum(c.completion_tokens for c in done)))
             yield _sse("[DONE]")
         finally:
             self._abandon(job)

@@ -15,10 +15,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+
+from tunelab.models.methods.prompt import generate_with_virtual_tokens, uses_virtual_tokens
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -32,6 +35,8 @@ class SamplingOptions:
     min_new_tokens: int = 0
     stop: tuple[str, ...] = ()
     """Extra stop strings; the template's end of turn and the end-of-sequence tokens always stop."""
+    seed: int | None = None
+    """Seeds this answer's own random generator in the batching engine (``None``: a fresh random seed)."""
 
 
 @dataclass
@@ -119,7 +124,11 @@ class StopStringBuffer:
 
 
 class TokenStream(StoppingCriteria):
-    """The per-token hook: decode, hold back possible stop strings, call ``on_text``, and decide to stop."""
+    """The per-token hook: decode, hold back possible stop strings, call ``on_text``, and decide to stop.
+
+    ``generate`` calls it as a stopping criterion; the batching engine (:mod:`tunelab.serve.batching`) calls
+    :meth:`step` for each row itself.
+    """
 
     def __init__(
         self, tokenizer: Any, *, eos_ids: Sequence[int], stops: Sequence[str], max_new_tokens: int,
@@ -135,23 +144,25 @@ class TokenStream(StoppingCriteria):
         self.finish_reason: FinishReason | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        done = self.finish_reason is not None or self._step(int(input_ids[0, -1]))
+        done = self.finish_reason is not None or self.step(int(input_ids[0, -1]))
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
-    def _step(self, token: int) -> bool:
+    def step(self, token: int) -> bool:
+        """Take the next generated token; True when the answer is over (``finish_reason`` says why)."""
         self.tokens += 1
         if token in self.eos_ids:
-            return self._finish("stop")
+            return self.finish("stop")
         self._emit(self.buffer.push(self.detokenizer.add(token)))
         if self.buffer.stopped:
-            return self._finish("stop")
+            return self.finish("stop")
         if self.cancel.is_set():
-            return self._finish("cancelled")
+            return self.finish("cancelled")
         if self.tokens >= self.max_new_tokens:
-            return self._finish("length")
+            return self.finish("length")
         return False
 
-    def _finish(self, reason: FinishReason) -> bool:
+    def finish(self, reason: FinishReason) -> bool:
+        """End the answer for ``reason``, releasing the text held back (unless a stop string cut it)."""
         self.finish_reason = reason
         if reason != "stop" or not self.buffer.stopped:
             self._emit(self.buffer.push(self.detokenizer.rest()))
@@ -182,7 +193,9 @@ def generate_stream(
     device = next(model.parameters()).device
     input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     sampling = options.temperature > 0
-    model.generate(
+    # Prompt-learning adapters generate through their own path (see tunelab.models.methods.prompt).
+    generate = partial(generate_with_virtual_tokens, model) if uses_virtual_tokens(model) else model.generate
+    generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=options.max_new_tokens,
@@ -195,7 +208,7 @@ def generate_stream(
         stopping_criteria=StoppingCriteriaList([stream]),
     )
     if stream.finish_reason is None:  # generate ended without a step reaching the criteria (max_new_tokens 0)
-        stream._finish("length")
+        stream.finish("length")
     assert stream.finish_reason is not None
     return Completion(text=stream.text, prompt_tokens=len(prompt_ids), completion_tokens=stream.tokens,
                       finish_reason=stream.finish_reason)

@@ -1,15 +1,18 @@
 """The OpenAI wire format: request schemas, their checks, prompts from messages, and response bodies.
 
 Pure functions and pydantic models, no web framework: :mod:`tunelab.serve.app` wires them to HTTP. Fields OpenAI
-defines that tunelab cannot honour are accepted only at their neutral value (``n=1``, no logprobs, zero
-penalties) and refused otherwise with a 400 that names the field; unknown fields are refused too, so a typo is
-never silently a default. ``min_tokens`` is vLLM's extension, kept for compatibility.
+defines that tunelab cannot honour are accepted only at their neutral value (no logprobs, tools or penalties,
+``best_of=1``) and refused otherwise with a 400 that names the field; unknown fields are refused too, so a typo is
+never silently a default. ``n`` answers to one prompt are ``n`` choices, each with its ``index``; usage counts the
+prompt once and the completion tokens of every choice. ``min_tokens`` is vLLM's extension, kept for
+compatibility.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunelab.data.record import Turn
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 128
+"""OpenAI's own limit on ``n``; the server also refuses an ``n`` above its ``--max-batch-size``."""
 
 
 class ApiError(Exception):
@@ -68,12 +73,14 @@ class _GenerationRequest(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     """OpenAI's default is 1 (sampling); 0 decodes greedily."""
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    """Answers to generate for the prompt (default 1), decoded together as rows of one batch."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    """Accepted for compatibility; concurrent generations share one random state, so it does not fix the output."""
+    """Seeds the sampling of this request alone (choice i: seed + i), whatever else is in the batch; with
+    ``--max-batch-size 1`` concurrent generations share one random state and it is ignored."""
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=0, le=0, description="only 0 is supported")
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="only 0 is supported")
@@ -140,10 +147,12 @@ class CompletionRequest(_GenerationRequest):
     echo: bool = Field(False, description="not supported")
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=1)
-    logprobs: int | None = Field(None, ge=0, le=0)
+    logprobs: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
+        if self.logprobs:
+            raise ValueError("logprobs are not supported")
         if self.echo:
             raise ValueError("echo is not supported")
         if self.suffix:
@@ -196,28 +205,37 @@ class ResponseIds:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model}
 
 
-def chat_response(ids: ResponseIds, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def chat_response(
+    ids: ResponseIds, answers: Sequence[tuple[str, str]], prompt_tokens: int, completion_tokens: int
+) -> dict:
+    """The whole response; ``answers`` holds ``(text, finish_reason)`` per choice, in index order."""
     return {**ids.head("chat.completion"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}],
+            "choices": [{"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish} for index, (text, finish) in enumerate(answers)],
             "usage": _usage(prompt_tokens, completion_tokens)}
 
 
-def chat_chunk(ids: ResponseIds, delta: dict[str, str], finish: str | None, with_usage: bool) -> dict:
+def chat_chunk(
+    ids: ResponseIds, delta: dict[str, str], finish: str | None, with_usage: bool, index: int = 0
+) -> dict:
     chunk = {**ids.head("chat.completion.chunk"),
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
     return {**chunk, "usage": None} if with_usage else chunk
 
 
-def completion_response(ids: ResponseIds, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def completion_response(
+    ids: ResponseIds, answers: Sequence[tuple[str, str]], prompt_tokens: int, completion_tokens: int
+) -> dict:
+    """The whole response; ``answers`` holds ``(text, finish_reason)`` per choice, in index order."""
     return {**ids.head("text_completion"),
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+                        for index, (text, finish) in enumerate(answers)],
             "usage": _usage(prompt_tokens, completion_tokens)}
 
 
-def completion_chunk(ids: ResponseIds, text: str, finish: str | None, with_usage: bool) -> dict:
+def completion_chunk(ids: ResponseIds, text: str, finish: str | None, with_usage: bool, index: int = 0) -> dict:
     chunk = {**ids.head("text_completion"),
-             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
     return {**chunk, "usage": None} if with_usage else chunk
 
 

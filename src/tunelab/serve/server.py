@@ -47,8 +47,8 @@ def serve(args: argparse.Namespace, console: Any) -> int:
     pool = ModelPool(args.model, args.adapter, base_id=args.served_model_name, template=args.template,
                      dtype=args.dtype, device=args.device)
     limits = ServeLimits(max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                         max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
-                         api_key=api_key)
+                         max_batch_size=args.max_batch_size, max_tokens_limit=args.max_tokens_limit,
+                         max_request_bytes=args.max_request_bytes, api_key=api_key)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     ready = f"{READY_LINE} {url} (models: {', '.join(pool.ids)})"

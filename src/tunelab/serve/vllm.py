@@ -23,7 +23,7 @@ from tunelab.evaluate.generate import eval_columns, run_template_settings
 VLLM_DTYPES = {"auto": "auto", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 NOT_IN_VLLM = {"max_queue": "--max-queue", "max_request_bytes": "--max-request-bytes",
-               "max_tokens_limit": "--max-tokens-limit"}
+               "max_tokens_limit": "--max-tokens-limit", "max_batch_size": "--max-batch-size"}
 
 
 def check_vllm() -> None:

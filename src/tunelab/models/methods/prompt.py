@@ -68,38 +68,51 @@ def uses_virtual_tokens(model: Any) -> bool:
     return bool(config is not None and config.is_prompt_learning and not getattr(model, "_adapters_disabled", False))
 
 
+def cache_argument(model: Any) -> str:
+    """The name under which ``model.forward`` takes its KV cache (``cache`` since transformers 5.2x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def virtual_token_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    """Inputs for the base model's forward that put the active prompt-learning adapter in front of every row.
+
+    The attention mask gets ``num_virtual_tokens`` ones in front, so positions are counted as in training (the
+    virtual tokens take positions 0..V-1, a row's first real token V) and left padding stays masked. Prefix tuning
+    adds its learned keys/values as a pre-filled cache (under :func:`cache_argument`) beside ``input_ids``; prompt
+    and P-tuning replace ``input_ids`` by ``inputs_embeds``: the learned embeddings, then the rows' own.
+    """
+    from peft import PeftType
+
+    peft_config = model.active_peft_config
+    batch = input_ids.shape[0]
+    ones = torch.ones(batch, peft_config.num_virtual_tokens, dtype=attention_mask.dtype, device=attention_mask.device)
+    mask = torch.cat([ones, attention_mask], dim=1)
+    if peft_config.peft_type == PeftType.PREFIX_TUNING:
+        return {"input_ids": input_ids, "attention_mask": mask,
+                cache_argument(model.get_base_model()): model.get_prompt(batch)}
+    embeds = model.word_embeddings(input_ids)
+    prompts = model.get_prompt(batch_size=batch).to(embeds.dtype)
+    return {"inputs_embeds": torch.cat([prompts, embeds], dim=1), "attention_mask": mask}
+
+
 @torch.no_grad()
 def generate_with_virtual_tokens(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
 ) -> Any:
     """``model.generate`` for a prompt-learning adapter: the same layout as training, batched and KV-cached.
 
-    Returns ``input_ids`` followed by the new tokens, like ``generate`` (or its output object, when asked).
-    ``num_virtual_tokens`` placeholder ids go in front of each row and the attention mask covers them, so positions
-    are counted as in training (the virtual tokens take positions 0..V-1, a row's first real token V) and left
-    padding stays masked. Prefix tuning gets its learned keys/values as a pre-filled cache for the placeholders;
-    prompt and P-tuning get their learned embeddings as the placeholders' input embeddings.
+    Returns ``input_ids`` followed by the new tokens, like ``generate`` (or its output object, when asked). The
+    inputs are :func:`virtual_token_inputs`; ``generate`` also wants an id for every position (it reads the new
+    ones past the cache), so ``num_virtual_tokens`` placeholder ids go in front of each row.
     """
-    from peft import PeftType
-
-    peft_config = model.active_peft_config
-    virtual = peft_config.num_virtual_tokens
-    batch = input_ids.shape[0]
+    virtual = model.active_peft_config.num_virtual_tokens
+    inputs = virtual_token_inputs(model, input_ids, attention_mask)
     # The placeholders' ids are never embedded (prefix: already in the cache; prompt: replaced by inputs_embeds).
     placeholder_id = kwargs.get("pad_token_id") or 0
-    placeholders = torch.full((batch, virtual), placeholder_id, dtype=input_ids.dtype, device=input_ids.device)
-    ids = torch.cat([placeholders, input_ids], dim=1)
-    mask = torch.cat([torch.ones_like(placeholders, dtype=attention_mask.dtype), attention_mask], dim=1)
-    base = model.get_base_model()
-    if peft_config.peft_type == PeftType.PREFIX_TUNING:
-        cache_argument = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        kwargs[cache_argument] = model.get_prompt(batch)
-        output = base.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    else:
-        embeds = model.word_embeddings(input_ids)
-        prompts = model.get_prompt(batch_size=batch).to(embeds.dtype)
-        output = base.generate(input_ids=ids, inputs_embeds=torch.cat([prompts, embeds], dim=1),
-                               attention_mask=mask, **kwargs)
+    placeholders = torch.full((input_ids.shape[0], virtual), placeholder_id, dtype=input_ids.dtype,
+                              device=input_ids.device)
+    inputs["input_ids"] = torch.cat([placeholders, input_ids], dim=1)
+    output = model.get_base_model().generate(**inputs, **kwargs)
     if hasattr(output, "sequences"):  # return_dict_in_generate=True: the same object, placeholders dropped
         output.sequences = output.sequences[:, virtual:]
         return output
