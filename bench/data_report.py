@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -78,6 +79,7 @@ def main() -> None:
         generate(train, test, args.records)
         print(f"generated {args.records} records in {time.perf_counter() - started:.1f}s "
               f"({(train.stat().st_size + test.stat().st_size) / 1e6:.0f} MB)")
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     command = [sys.executable, "-m", "tunelab.cli", "data", "report", str(train), str(test),
                "-o", str(args.workdir / f"report_{args.records}")]
@@ -93,7 +95,10 @@ def main() -> None:
                       "records_per_cpu_s": round(report["records"] / cpu), "peak_rss_mb": round(peak_mb),
                       "exact_removable": report["duplicates"]["exact"]["removable"],
                       "near_removable": report["duplicates"]["near"]["removable"],
-                      "leaked": report["leakage"]["leaked"]}))
+                      "leaked": report["leakage"]["leaked"], "topics": report["diversity"]["topics"]["k"],
+                      # Other jobs share the machine: the 1-minute load average before and after says how much.
+                      "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1),
+                      "cpus": os.cpu_count()}))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,10 @@ def test_report_on_a_config_with_model_shows_mix_tokens_and_difficulty(tmp_path,
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text("utf-8"))
     assert [m["path"] for m in report["mix"]] == [str(data), str(extra)]
-    assert report["mix"][1]["sampling"].endswith("sampled without replacement")
+    # 37 and 14 training records at weights 1 and 0.5 make targets of 34 and 17 of the 51.
+    assert [(m["sampling"], m["replacement"]) for m in report["mix"]] == [
+        ("without replacement: 34 of 37 records", False),
+        ("with replacement (records repeat): every record 1x, plus 3 of 14 drawn without replacement", True)]
     assert report["inventory"]["splits"]["test"] == 12
     tokens = report["lengths"]["tokens"]
     assert tokens["cutoff_len"] == 40 and tokens["truncated"] >= 1
@@ -82,11 +85,15 @@ def test_train_saves_the_mix_the_report_shows(tmp_path, tiny_model):
                       f"data: {{datasets: [{{path: '{data}'}}, {{path: '{extra}', weight: 0.5}}], test_size: 6, "
                       "on_bad_record: skip}\n"
                       f"train: {{output_dir: '{tmp_path / 'run'}', max_steps: 1, report_to: none}}\n", "utf-8")
-    assert tunelab("train", str(config)).returncode == 0
+    trained = tunelab("train", str(config))
+    assert trained.returncode == 0, trained.stderr
     saved = json.loads((tmp_path / "run" / "data_mix.json").read_text("utf-8"))
+    assert [m["sampling"].split(":")[0] for m in saved] == ["without replacement", "with replacement (records repeat)"]
+    # The log at the start of training states it too (rich may wrap the line between words).
+    assert re.search(r"without\s+replacement:\s+\d+\s+of\s+\d+\s+records", trained.stderr)
     assert tunelab("data", "report", str(config), "-o", str(tmp_path / "report")).returncode == 0
     shown = json.loads((tmp_path / "report" / "report.json").read_text("utf-8"))["mix"]
-    assert [{k: v for k, v in m.items() if k != "sampling"} for m in shown] == saved
+    assert shown == saved
 
 
 def test_clean_and_split_commands(tmp_path):
@@ -107,6 +114,31 @@ def test_clean_and_split_commands(tmp_path):
               for name in ("train", "validation", "test")}
     assert counts == {"train": 28, "validation": 4, "test": 8}
     assert "stratified by label" in split.stderr
+
+
+def test_clean_and_split_take_a_config(tmp_path):
+    data = write(tmp_path / "d.jsonl", rows())
+    extra = tmp_path / "extra.json"  # a JSON array, read as a stream like the rest
+    extra.write_text(json.dumps([{"instruction": "这条评论是正面还是负面？很好", "output": label}
+                                 for label in ("正面", "正面", "负面")], ensure_ascii=False), "utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{datasets: [{{path: '{data}'}}, {{path: '{extra}', weight: 2}}], test_size: 0.25, "
+                      "seed: 3}\n", "utf-8")
+    out = tmp_path / "clean.jsonl"
+    cleaned = tunelab("data", "clean", str(config), "-o", str(out), "--dedup", "--conflicts", "majority")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert "kept 42 of 47 rows; dropped 5" in cleaned.stderr
+    rejects = (tmp_path / "clean.rejects.jsonl").read_text("utf-8").splitlines()
+    reasons = [json.loads(line)["reason"] for line in rejects]
+    assert sorted(r.split(":")[0] for r in reasons) == ["conflict_minority", "exact_duplicate", "exact_duplicate",
+                                                        "exact_duplicate", "unreadable"]
+    assert any(r.endswith(f"kept, first at {extra}:1: '正面'") for r in reasons)
+    split = tunelab("data", "split", str(config), "data.seed=4", "-o", str(tmp_path / "split"))
+    assert split.returncode == 0, split.stderr
+    counts = {name: len((tmp_path / "split" / f"{name}.jsonl").read_text("utf-8").splitlines())
+              for name in ("train", "validation", "test")}
+    # The config's test_size (0.25 of 46) and val_size (0) are the defaults; whole groups per label can overshoot.
+    assert counts["validation"] == 0 and abs(counts["test"] - 12) <= 2 and sum(counts.values()) == 46
 
 
 def test_bad_arguments_and_missing_files_exit_with_codes(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from tunelab.config.schema import DatasetSpec
 from tunelab.data.quality.clean import CleanOptions, clean_files, parse_flags, rejects_path
-from tunelab.data.quality.splitting import assign_groups, split_file
+from tunelab.data.quality.splitting import assign_groups, split_files
 from tunelab.data.quality.stream import iter_file
 from tunelab.data.readers import Reject, load_records
 from tunelab.errors import ConfigError
@@ -60,7 +60,7 @@ def test_clean_rejects_account_for_every_dropped_row(tmp_path):
             '{"broken', row("Is the sky green?", "yes"), row("Is the sky green?", "no"), row("hi", "ok")]
     path = write(tmp_path / "in.jsonl", data)
     out = tmp_path / "clean.jsonl"
-    options = CleanOptions(dedup=True, near_dedup=True, drop_conflicts=True, drop_flags=("empty", "loop"),
+    options = CleanOptions(dedup=True, near_dedup=True, conflicts="drop", drop_flags=("empty", "loop"),
                            min_chars=5)
     result = clean_files([path], out, options)
     kept, rejects = read(out), read(rejects_path(out))
@@ -108,7 +108,7 @@ def test_split_file_stratifies_labels_and_keeps_near_duplicates_together(tmp_pat
         if i % 10 == 0:
             rows.append(row(f"Review {i}: {text}!", label))  # a near-duplicate that must stay beside it
     path = write(tmp_path / "d.jsonl", rows)
-    result = split_file(path, tmp_path / "out", val_size=0.1, test_size=0.2, seed=3)
+    result = split_files([path], tmp_path / "out", val_size=0.1, test_size=0.2, seed=3)
     files = {name: read(tmp_path / "out" / f"{name}.jsonl") for name in ("train", "validation", "test")}
     assert result.stratified and result.groups_kept_together == 6
     assert sum(len(f) for f in files.values()) == len(rows) == 66
@@ -121,7 +121,7 @@ def test_split_file_stratifies_labels_and_keeps_near_duplicates_together(tmp_pat
     for name, f in files.items():
         for r in f:
             assert side_of[r["messages"][0]["content"].rstrip("!")] == name
-    again = split_file(path, tmp_path / "again", val_size=0.1, test_size=0.2, seed=3)
+    again = split_files([path], tmp_path / "again", val_size=0.1, test_size=0.2, seed=3)
     assert again.counts == result.counts
     assert (tmp_path / "again" / "test.jsonl").read_bytes() == (tmp_path / "out" / "test.jsonl").read_bytes()
 
@@ -137,3 +137,72 @@ def test_weighted_mix_shares_within_tolerance(tmp_path):
     share = sum(r.source.startswith(general) for r in splits.train) / len(splits.train)
     assert abs(share - 1 / 3) < 0.01
     assert [m["share"] for m in splits.mix] == pytest.approx([2 / 3, 1 / 3], abs=0.01)
+
+
+def test_majority_vote_keeps_the_most_common_answer_and_names_it(tmp_path):
+    paris = "The capital of France is Paris, a city on the Seine."
+    france = "What is the capital of France? Answer in one sentence."
+    data = [
+        row("这条评论是正面还是负面？物流很快，质量很好", "正面"),  # 1  \
+        row("这条评论是正面还是负面？物流很快，质量很好", "负面"),  # 2   | 正面 wins 2 to 1
+        row("这条评论是正面还是负面？物流很快，质量很好", "正面"),  # 3  /
+        row(france, paris),  # 4  \
+        row(france, "The capital of France is Lyon, by the Rhone."),  # 5   | Paris wins: a near-duplicate
+        row(france, paris[:-1] + "!"),  # 6  /  answer is the same answer
+        row("Is the sky green?", "yes"), row("Is the sky green?", "no"),  # 7, 8: a tie, both go
+        *unique_rows(4, 3),
+    ]
+    path = write(tmp_path / "in.jsonl", data)
+    out = tmp_path / "clean.jsonl"
+    result = clean_files([path], out, CleanOptions(conflicts="majority"))
+    rejects = {r["source"].rsplit(":", 1)[1]: r["reason"] for r in read(rejects_path(out))}
+    assert rejects == {
+        "2": f"conflict_minority: 3 records with the same or a near-same prompt have 2 different answers; the "
+             f"majority answer (2 of 3 records) is kept, first at {path}:1: '正面'",
+        "5": f"conflict_minority: 3 records with the same or a near-same prompt have 2 different answers; the "
+             f"majority answer (2 of 3 records) is kept, first at {path}:4: {paris!r}",
+        "7": "conflict: 2 records with the same or a near-same prompt have 2 different answers; the most common "
+             "answers tie (1 records each), so none is kept",
+        "8": "conflict: 2 records with the same or a near-same prompt have 2 different answers; the most common "
+             "answers tie (1 records each), so none is kept",
+    }
+    assert dict(result.reasons) == {"conflict_minority": 2, "conflict": 2}
+    assert [k["source"].rsplit(":", 1)[1] for k in read(out)] == ["1", "3", "4", "6", "9", "10", "11", "12"]
+    dropped_all = tmp_path / "all.jsonl"
+    assert clean_files([path], dropped_all, CleanOptions(conflicts="drop")).reasons == {"conflict": 8}
+
+
+def test_clean_and_split_read_a_config_with_its_formats(tmp_path):
+    from tunelab.data.quality.stream import read_inputs
+
+    jsonl = write(tmp_path / "a.jsonl", unique_rows(10, 4))
+    csv = tmp_path / "b.data"  # a CSV whose name does not say so: the config's format must be used
+    csv.write_text("instruction,output\n" + "".join(f"Q{i} x y z,A{i} p q r\n" for i in range(6)), "utf-8")
+    csv = csv.rename(tmp_path / "b.csv")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{datasets: [{{path: '{jsonl}', format: alpaca}}, {{path: '{csv}', weight: 3}}], "
+                      "test_size: 4}\n", "utf-8")
+    sources, loaded = read_inputs([str(config), "data.seed=9"])
+    assert [(s.path, s.format) for s in sources] == [(jsonl, "alpaca"), (str(csv), "auto")]
+    assert loaded.data.seed == 9
+    result = clean_files(sources, tmp_path / "clean.jsonl", CleanOptions(dedup=True))
+    assert (result.read, result.kept) == (16, 16)
+    split = split_files(sources, tmp_path / "split", val_size=0, test_size=loaded.data.test_size, seed=9)
+    assert split.counts == {"train": 12, "validation": 0, "test": 4}
+
+
+def test_sampling_is_stated_with_or_without_replacement():
+    from tunelab.data.split import sample_sources
+
+    samples, rng = sample_sources([100, 40, 10], [1.0, 0.1, 0.4], seed=0)  # targets: 150 x 1/1.5, 0.1/1.5, 0.4/1.5
+    assert rng is not None and [s.count for s in samples] == [100, 10, 40]
+    assert [s.describe() for s in samples] == [
+        "no sampling: every record once",
+        "without replacement: 10 of 40 records",
+        "with replacement (records repeat): every record 4x",
+    ]
+    assert [s.with_replacement for s in samples] == [False, False, True]
+    samples, rng = sample_sources([30, 20], [1.0, 2.0], seed=0)
+    assert rng is not None and samples[1].describe() == \
+        "with replacement (records repeat): every record 1x, plus 13 of 20 drawn without replacement"
+    assert sample_sources([3, 4], [2.0, 2.0], seed=0)[1] is None  # equal weights: no sampling, no shuffle

@@ -85,3 +85,47 @@ def test_public_surface_is_sorted_and_importable():
 
     assert quality.__all__ == sorted(quality.__all__)
     assert all(hasattr(quality, name) for name in quality.__all__)
+
+
+def reference_candidate_pairs(sigs, bands: int, rows: int) -> set[tuple[int, int]]:
+    """The obvious LSH index: per band, a dict from the band's rows (a tuple) to the first record holding them."""
+    pairs = set()
+    for band in range(bands):
+        first: dict[tuple, int] = {}
+        for i, sig in enumerate(sigs):
+            key = tuple(sig[band * rows : (band + 1) * rows].tolist())
+            if key in first:
+                pairs.add((first[key], i))
+            else:
+                first[key] = i
+    return pairs
+
+
+def test_lsh_by_sorting_finds_exactly_the_pairs_of_a_dict_index():
+    import random
+
+    from tunelab.data.quality.minhash import UnionFind, band_keys, candidate_pairs, lsh_bands
+
+    rng = random.Random(2)
+    base = ["".join(chr(0x4E00 + rng.randrange(3000)) for _ in range(120)) for _ in range(40)]
+    base += [" ".join(f"w{rng.randrange(10**5)}" for _ in range(30)) for _ in range(40)]
+    texts = list(base)
+    for i in range(0, 80, 4):  # a one-character edit of every fourth text, and an exact copy of every eighth
+        texts.append(base[i][:50] + "变" + base[i][51:])
+        if i % 8 == 0:
+            texts.append(base[i])
+    rng.shuffle(texts)
+    sigs = signatures(texts, Permutations.make())
+    bands, rows = lsh_bands(0.8, sigs.shape[1])
+    found = candidate_pairs(band_keys(sigs, bands, rows))
+    assert {(int(a), int(b)) for a, b in found} == reference_candidate_pairs(sigs, bands, rows)
+    near = [(int(a), int(b)) for a, b in found if similarity(sigs[a], sigs[b]) >= 0.8]
+    # Each bucket links its members to its first, so the verified pairs connect exactly the planted groups.
+    union = UnionFind(len(texts))
+    for a, b in near:
+        union.union(a, b)
+    roots = union.roots().tolist()
+    clusters = sorted(sorted(i for i in range(len(texts)) if roots[i] == r) for r in set(roots) if roots.count(r) > 1)
+    planted = sorted(sorted(i for i, t in enumerate(texts) if t[:50] + t[51:] == base[b][:50] + base[b][51:])
+                     for b in range(0, 80, 4))
+    assert clusters == planted and [len(c) for c in planted].count(3) == 10 and len(planted) == 20

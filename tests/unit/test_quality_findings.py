@@ -128,7 +128,8 @@ def test_leakage_uses_the_config_split(tmp_path):
     assert expected > 0
     assert report["inventory"]["splits"] == {"train": 40, "test": 10}
     assert report["leakage"]["leaked"] == expected
-    assert report["mix"][0]["sampling"] == "every record once"
+    assert report["mix"][0]["sampling"] == "no sampling: every record once"
+    assert report["mix"][0]["replacement"] is False
 
 
 def test_conflicting_labels_and_answers(tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 from tunelab.config.schema import DataConfig
 from tunelab.data.readers import load_records, write_rejects
 from tunelab.data.record import Record
-from tunelab.data.split import mix_sources, split_items
+from tunelab.data.split import SourceSample, apply_samples, sample_sources, split_items
 from tunelab.data.template import Template
 from tunelab.data.tokenize import Example, TokenizeStats, tokenize_record
 from tunelab.errors import ConfigError
@@ -55,11 +55,17 @@ def load_splits(config: DataConfig) -> RecordSplits:
         test.extend(splits.test)
         mix.append({"path": spec.path, "format": loaded.format, "records": len(loaded.records),
                     "rejected": len(loaded.rejects), "weight": spec.weight, "train_available": len(splits.train)})
-    train, counts = mix_sources(parts, config.seed)
-    for entry, count in zip(mix, counts, strict=True):
-        entry["train_used"] = count
-        entry["share"] = round(count / max(len(train), 1), 4)
+    samples, rng = sample_sources([len(items) for items, _ in parts], [w for _, w in parts], config.seed)
+    train = apply_samples([items for items, _ in parts], samples, rng)
+    for entry, sample in zip(mix, samples, strict=True):
+        entry.update(mix_entry(sample, len(train)))
     return RecordSplits(train=train, validation=validation, test=test, mix=mix, rejects=rejects)
+
+
+def mix_entry(sample: SourceSample, total: int) -> dict[str, Any]:
+    """The fields of a source's ``data_mix.json`` entry that say how the mix sampled it (``total``: the mix size)."""
+    return {"train_used": sample.count, "share": round(sample.count / max(total, 1), 4),
+            "replacement": sample.with_replacement, "sampling": sample.describe()}
 
 
 def tokenize_splits(splits: RecordSplits, template: Template, tokenizer: Any, config: DataConfig) -> TokenizedData:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import tempfile
 from collections import Counter
@@ -57,8 +56,10 @@ def record_texts(record: Record) -> tuple[str, str, str]:
 class SignatureFile:
     """Per record a ``(2, num_perm)`` uint32 block (prompt, answer), appended to a temporary file.
 
-    A million records at 128 permutations is 1 GB: kept on disk and memory-mapped, so the page cache, not the
-    process, holds what is read back.
+    A million records at 128 permutations is 1 GB: kept on disk and read back with plain reads, so the page cache,
+    not the process, holds it. (Not a memory map: mapped pages count towards the process's resident memory, and
+    the kernel maps pages around each one touched, so scattered reads of 16,384 rows showed a 750 MB peak at a
+    million records.)
     """
 
     def __init__(self, num_perm: int, directory: str | None = None) -> None:
@@ -72,20 +73,24 @@ class SignatureFile:
         self.rows += block.shape[0]
 
     def take(self, index: np.ndarray) -> np.ndarray:
-        """A copy of the rows at ``index`` (sorted indices read fastest).
-
-        The file is mapped for this one read and unmapped after: pages read through a mapping that stays open
-        count towards the process's resident memory until it is closed, which at a million records is the whole
-        gigabyte.
-        """
+        """A copy of the rows at ``index``, in its order; each run of consecutive rows is one read."""
         self._file.flush()
         if self.rows == 0 or len(index) == 0:
             return np.zeros((0, 2, self.num_perm), dtype=np.uint32)
-        with open(self.path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = np.frombuffer(mapped, dtype=np.uint32).reshape(self.rows, 2, self.num_perm)
-            rows = view[index]  # fancy indexing copies
-            del view  # the mapping cannot close while an array still exports it
-        return rows
+        wanted, inverse = np.unique(index, return_inverse=True)
+        rows = np.empty((wanted.size, 2, self.num_perm), dtype=np.uint32)
+        row_bytes = rows[0].nbytes
+        bounds = np.concatenate(([0], np.flatnonzero(np.diff(wanted) != 1) + 1, [wanted.size])).tolist()
+        with open(self.path, "rb", buffering=0) as handle:
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=False):
+                handle.seek(int(wanted[start]) * row_bytes)
+                view = memoryview(rows[start:stop]).cast("B")
+                while view:  # one read() may return less than asked for
+                    done = handle.readinto(view)
+                    if not done:
+                        raise EOFError(f"{self.path}: fewer signature rows than recorded")
+                    view = view[done:]
+        return rows[inverse.ravel()]
 
     def close(self) -> None:
         self._file.close()

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tunelab.data.quality.minhash import sorted_unique
+
 __all__ = ["KMV_SIZE", "DistinctCounter", "normalized_entropy", "token_ngram_hashes"]
 
 KMV_SIZE = 8192
@@ -35,7 +37,7 @@ class DistinctCounter:
         self.total += int(hashes.size)
         if self.saturated:
             hashes = hashes[hashes < self.kept[-1]]  # cannot enter the k smallest: skip the sort
-        merged = np.unique(np.concatenate([self.kept, hashes.astype(np.uint64)]))
+        merged = sorted_unique(np.concatenate([self.kept, hashes.astype(np.uint64)]))
         if merged.size > self.k:
             self.saturated = True
             merged = merged[: self.k]

@@ -16,8 +16,8 @@ from tunelab.data.quality.diversity import normalized_entropy
 from tunelab.data.quality.flags import FLAGS
 from tunelab.data.quality.stream import SPLITS
 
-__all__ = ["EXAMPLES", "Clusters", "cluster_near_duplicates", "conflicts", "diversity", "exact_groups", "flag_summary",
-           "label_summary", "leakage", "length_summary"]
+__all__ = ["EXAMPLES", "Clusters", "answer_variants", "cluster_near_duplicates", "conflicts", "diversity",
+           "exact_groups", "flag_summary", "label_summary", "leakage", "length_summary"]
 
 EXAMPLES = 5
 """Example groups (or records) listed per finding; report.json holds the counts of all."""
@@ -79,11 +79,12 @@ def cluster_near_duplicates(corpus: Corpus, threshold: float, part: int | None =
         union.parent[group[1:]] = group[0]
     representatives = np.nonzero(usable & (union.parent == np.arange(n)))[0]
     bands, rows = minhash.lsh_bands(threshold, corpus.num_perm)
-    keys = np.concatenate([minhash.band_keys(_signature_rows(sigs, representatives[i : i + _PAIR_CHUNK], part),
-                                             bands, rows)
-                           for i in range(0, representatives.size, _PAIR_CHUNK)] or
-                          [np.zeros((0, bands), dtype=np.uint64)])
-    pairs = representatives[minhash.candidate_pairs(keys)] if representatives.size else np.zeros((0, 2), np.int64)
+    keys = np.empty((bands, representatives.size), dtype=np.uint32)  # filled in place: no list of chunks to join
+    for i in range(0, representatives.size, _PAIR_CHUNK):
+        chunk = representatives[i : i + _PAIR_CHUNK]
+        keys[:, i : i + chunk.size] = minhash.band_keys(_signature_rows(sigs, chunk, part), bands, rows)
+    pairs = representatives[minhash.candidate_pairs(keys)]
+    del keys
     verified = 0
     for start in range(0, len(pairs), _PAIR_CHUNK):
         chunk = pairs[start : start + _PAIR_CHUNK]
@@ -145,18 +146,23 @@ def leakage(corpus: Corpus, clusters: Clusters) -> dict[str, Any]:
 
 def conflicts(corpus: Corpus, prompts: Clusters) -> dict[str, Any]:
     """Groups of records with the same or a near-same prompt whose answers are neither equal nor near-equal."""
-    sigs = corpus.signatures
     answer_hash = corpus.columns["answer_hash"]
     is_label = corpus.columns["is_label"]
     has_prompt = corpus.columns["prompt_hash"] != 0
     found = []
     records = 0
     label_groups = 0
-    for group in _groups_of(prompts.root.astype(np.uint64), has_prompt):
-        answers = np.unique(answer_hash[group])
-        if answers.size < 2:
-            continue
-        distinct = _answer_variants(corpus, sigs, group, prompts.threshold)
+    groups = [g for g in _groups_of(prompts.root.astype(np.uint64), has_prompt)
+              if np.unique(answer_hash[g]).size > 1]
+    # Most groups are pairs (a record and its edited copy): their answers are compared together, in chunks.
+    pairs = np.array([g for g in groups if g.size == 2], dtype=np.int64).reshape(-1, 2)
+    pair_similar = np.concatenate([_similar(corpus, corpus.signatures, pairs[i : i + _PAIR_CHUNK], 1,
+                                            prompts.threshold) for i in range(0, len(pairs), _PAIR_CHUNK)]
+                                  or [np.zeros(0, dtype=bool)])
+    pair_distinct = iter(np.where(pair_similar, 1, 2).tolist())
+    for group in groups:
+        distinct = next(pair_distinct) if group.size == 2 else \
+            int(answer_variants(corpus, group, prompts.threshold).max()) + 1
         if distinct < 2:
             continue  # the answers differ only slightly: near-duplicates, not a conflict
         labels = bool(is_label[group].all())
@@ -169,23 +175,27 @@ def conflicts(corpus: Corpus, prompts: Clusters) -> dict[str, Any]:
 
 
 _MAX_PAIRWISE = 200
-"""Answers of a prompt group compared all against all up to this many; a larger group compares against its first."""
+"""Distinct answers of a prompt group compared all against all up to this many; beyond, only equal answers match."""
 
 
-def _answer_variants(corpus: Corpus, sigs: SignatureFile, group: np.ndarray, threshold: float) -> int:
-    """How many different answers a group holds, near-duplicate answers (transitively) counting as one.
+def answer_variants(corpus: Corpus, group: np.ndarray, threshold: float) -> np.ndarray:
+    """Per member of ``group``, which of the group's different answers it gives: 0, 1, ... by first appearance.
 
-    Transitive, so a chain of small edits (A~B~C with A, C just under the threshold) is one answer, not a conflict.
+    Equal answers (after normalisation) are one answer; so are near-duplicate answers, transitively, so a chain of
+    small edits (A~B~C with A, C just under the threshold) is one answer, not a conflict.
     """
-    if group.size > _MAX_PAIRWISE:
-        pairs = np.stack([np.full(group.size, group[0]), group], axis=1)
-        return 1 + int((~_similar(corpus, sigs, pairs, 1, threshold)).any())
-    left, right = np.triu_indices(group.size, k=1)
-    similar = _similar(corpus, sigs, np.stack([group[left], group[right]], axis=1), 1, threshold)
-    union = minhash.UnionFind(group.size)
-    for a, b in zip(left[similar].tolist(), right[similar].tolist(), strict=True):
-        union.union(a, b)
-    return int(np.unique(union.roots()).size)
+    _, first, exact = np.unique(corpus.columns["answer_hash"][group], return_index=True, return_inverse=True)
+    representatives = group[first]
+    union = minhash.UnionFind(representatives.size)
+    if 1 < representatives.size <= _MAX_PAIRWISE:
+        left, right = np.triu_indices(representatives.size, k=1)
+        pairs = np.stack([representatives[left], representatives[right]], axis=1)
+        similar = _similar(corpus, corpus.signatures, pairs, 1, threshold)
+        for a, b in zip(left[similar].tolist(), right[similar].tolist(), strict=True):
+            union.union(a, b)
+    variant = union.roots()[exact.ravel()]
+    _, first_member, dense = np.unique(variant, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first_member, kind="stable"), kind="stable")[dense.ravel()]
 
 
 def flag_summary(corpus: Corpus) -> dict[str, Any]:
@@ -216,7 +226,8 @@ def _ratio(value: float | None) -> float | None:
 
 
 def diversity(corpus: Corpus) -> dict[str, Any]:
-    """One score per dimension, each in 0..1 (higher = more diverse), with what it is computed from."""
+    """One score per dimension, each in 0..1 (higher = more diverse), with what it is computed from and whether it
+    describes the instructions or the content. Topics (content) come later, from a sample (:mod:`.topics`)."""
     leading = corpus.leading_words
     total = sum(leading.values())
     top = leading.most_common(10)
@@ -229,26 +240,26 @@ def diversity(corpus: Corpus) -> dict[str, Any]:
     d = corpus.distinct
     return {
         "instructions": {
-            "score": _ratio(d["instruction_2"].ratio),
+            "kind": "instructions", "score": _ratio(d["instruction_2"].ratio),
             "computed_from": "distinct-2: distinct token bigrams / all token bigrams of the last user turns "
                              "(a CJK character or a Latin word is a token)",
             "distinct_1": _ratio(d["instruction_1"].ratio), "distinct_2": _ratio(d["instruction_2"].ratio),
             "estimated": d["instruction_2"].saturated,
         },
         "task_types": {
-            "score": _ratio(entropy),
+            "kind": "instructions", "score": _ratio(entropy),
             "computed_from": "normalised entropy of the leading words of instructions (first English word, first two "
                              "Chinese characters after 请/帮我/...): 1 = evenly spread, 0 = one word",
             "distinct_leading_words": len(leading), "effective_number": _ratio(effective),
             "top10_share": _ratio(top_share), "top": [{"word": w, "count": c} for w, c in leading.most_common(20)],
         },
         "answers": {
-            "score": _ratio(d["answer_2"].ratio),
+            "kind": "content", "score": _ratio(d["answer_2"].ratio),
             "computed_from": "distinct-2 of answer tokens",
             "distinct_2": _ratio(d["answer_2"].ratio), "estimated": d["answer_2"].saturated,
         },
         "answer_lengths": {
-            "score": _ratio(length_entropy),
+            "kind": "content", "score": _ratio(length_entropy),
             "computed_from": "normalised entropy of answer lengths in log2 character bins (1-, 2-3, 4-7, ... chars)",
             "bins": {f"{2 ** i - 1}-{2 ** (i + 1) - 2}": int(c) for i, c in enumerate(length_bins) if c},
         },

@@ -33,9 +33,12 @@ class Texts:
 
 
 _PLACEHOLDERS = frozenset({"n/a", "na", "null", "none", "nan", "todo", "tbd", "...", "无", "暂无", "略", "空"})
-_MEANINGFUL = re.compile(r"[^\W_]")
+_TWO_MEANINGFUL = re.compile(r"[^\W_][\W_]*[^\W_]")
+"""Matches when a text holds at least two letters or digits (the first two, and what lies between), without
+counting them all."""
 NEAR_EMPTY_CHARS = 2
-"""An answer with fewer letters/digits than this (and not a label) is near-empty."""
+"""An answer with fewer letters/digits than this (and not a label) is near-empty (:data:`_TWO_MEANINGFUL` counts
+to two)."""
 COPY_SIMILARITY = 0.9
 COPY_MIN_CHARS = 10
 LOOP_NGRAM = 10
@@ -45,7 +48,7 @@ LOOP_MIN_CHARS = 40
 TRUNCATION_MIN_CHARS = 40
 
 # A complete answer ends in sentence punctuation, a closing bracket/quote, a digit, an emoji or a code fence.
-_COMPLETE_END = re.compile(r"""[.!?。！？…~～)\]}）】」』"'”’`>%*:：;；\d\U0001F300-\U0001FAFF]\s*$""")
+_COMPLETE_END = re.compile(r"""[.!?。！？…~～)\]}）】」』"'”’`>%*:：;；\d\U0001F300-\U0001FAFF]""")
 _SENTENCE_PUNCT = re.compile(r"[.!?。！？]")
 _TRANSLATION = re.compile(r"translat|翻译|译成|译为|英文|中文|英语|汉语|chinese|english", re.IGNORECASE)
 _REFUSAL = re.compile(
@@ -62,7 +65,7 @@ _REFUSAL = re.compile(
 def _empty(t: Texts) -> bool:
     if t.is_label:
         return False
-    return len(_MEANINGFUL.findall(t.answer_norm)) < NEAR_EMPTY_CHARS or t.answer_norm in _PLACEHOLDERS
+    return _TWO_MEANINGFUL.search(t.answer_norm) is None or t.answer_norm in _PLACEHOLDERS
 
 
 def _copy(t: Texts) -> bool:
@@ -84,7 +87,7 @@ def _truncated(t: Texts) -> bool:
     text = t.answer.rstrip()
     if len(text) < TRUNCATION_MIN_CHARS or not _SENTENCE_PUNCT.search(text):
         return False  # labels, names, code and lists without sentences end however they like
-    return not _COMPLETE_END.search(text)
+    return not _COMPLETE_END.match(text[-1])  # the text is right-stripped: its last character decides
 
 
 def _language(t: Texts) -> bool:

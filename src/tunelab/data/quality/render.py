@@ -162,10 +162,11 @@ def _conflicts(conflicts: dict[str, Any]) -> Section:
 
 
 def _diversity(diversity: dict[str, Any]) -> list[Section]:
-    rows = [[name.replace("_", " "), _num(dim["score"]), dim["computed_from"]] for name, dim in diversity.items()]
+    rows = [[name.replace("_", " "), dim.get("kind", ""), _num(dim["score"]), dim["computed_from"]]
+            for name, dim in diversity.items()]
     task = diversity["task_types"]
     blocks: list[str | Table | Plot] = [
-        Table(["dimension", "score (0..1)", "computed from"], rows),
+        Table(["dimension", "of", "score (0..1)", "computed from"], rows),
         f"Instructions: distinct-1 {_num(diversity['instructions']['distinct_1'])}, distinct-2 "
         f"{_num(diversity['instructions']['distinct_2'])}"
         + (" (estimated with a KMV sketch, about ±1%)" if diversity["instructions"]["estimated"] else "") + ".",
@@ -181,7 +182,37 @@ def _diversity(diversity: dict[str, Any]) -> list[Section]:
                            "bar chart of the most common leading words"))
     lengths = diversity["answer_lengths"]["bins"]
     blocks.append("Answer lengths (characters): " + ", ".join(f"{k}: {v:,}" for k, v in lengths.items()) + ".")
+    if "topics" in diversity:
+        blocks += _topic_blocks(diversity["topics"])
     return [Section("Diversity", blocks)]
+
+
+def _topic_blocks(topics: dict[str, Any]) -> list[str | Table | Plot]:
+    if not topics["clusters"]:
+        return [f"Topics: not clustered ({topics['computed_from']})."]
+    structure = "clusters stand out" if topics["structured"] else "no clusters stand out"
+    structure += f" (best silhouette {max(topics['silhouettes'].values()):.2f})"
+    structure += f"; mean cosine similarity of two records {topics['cohesion']}"
+    blocks: list[str | Table | Plot] = [
+        f"Topics (content): {topics['k']} clusters of {topics['sampled']:,} records sampled from {topics['of']:,} "
+        f"(seed {topics['seed']}), {structure}; effective number of topics {topics['effective_topics']}. "
+        f"k: {topics['k_rule']}.",
+        Table(["#", "records", "share", "top terms", "most central record (prompt)"],
+              [[i + 1, _num(c["size"]), _pct(c["share"]), " ".join(c["terms"]),
+                c["examples"][0]["prompt"] if c["examples"] else ""]
+               for i, c in enumerate(topics["clusters"])]),
+        Plot(partial(_bars_png, [f"#{i + 1}" for i in range(len(topics["clusters"]))],
+                     [c["size"] for c in topics["clusters"]], "topic clusters (sampled records)", "records"),
+             "sizes of the topic clusters"),
+    ]
+    for i, cluster in enumerate(topics["clusters"][:EXAMPLE_TOPICS], start=1):
+        blocks += [f"Topic {i} ({' '.join(cluster['terms'][:4])}), records nearest its centre:",
+                   Table(_EXAMPLE_HEADER, _example_rows(cluster["examples"]))]
+    return blocks
+
+
+EXAMPLE_TOPICS = 5
+"""Topics whose example records are shown in full (report.json holds examples of every topic)."""
 
 
 def _flags(report: dict[str, Any]) -> list[Section]:

@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.data.quality import findings
+from tunelab.data.quality import findings, topics
 from tunelab.data.quality.analyze import Corpus, TokenLengths, analyze_stream, collect_records, record_texts
-from tunelab.data.quality.stream import SPLITS, RecordStream, config_stream, files_stream
+from tunelab.data.quality.stream import SPLITS, RecordStream, config_stream, files_stream, read_inputs
+from tunelab.data.quality.text import normalized
 from tunelab.data.record import Record
 from tunelab.errors import ConfigError
 
@@ -36,6 +37,10 @@ class ReportSettings:
     train_on: str = "all_turns"
     difficulty_samples: int = DIFFICULTY_SAMPLES
     batch_size: int = 8
+    seed: int = 0
+    """Seeds the topic sample and clustering: the same input and seed give the same topics."""
+    topic_sample: int = topics.SAMPLE
+    """Records sampled for topic clustering (all when fewer)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.near_dup_threshold <= 1:
@@ -44,12 +49,10 @@ class ReportSettings:
 
 def open_input(inputs: Sequence[str]) -> tuple[RecordStream, Any]:
     """A config (``*.yaml``/``*.yml`` with optional ``key=value`` overrides after it) or data files."""
-    if inputs and Path(inputs[0]).suffix.lower() in (".yaml", ".yml"):
-        from tunelab.config.load import load_config
-
-        config = load_config(inputs[0], list(inputs[1:]))
+    sources, config = read_inputs(inputs)
+    if config is not None:
         return config_stream(config.data), config
-    return files_stream(list(inputs)), None
+    return files_stream(sources), None
 
 
 def _settings_from_config(settings: ReportSettings, config: Any) -> ReportSettings:
@@ -63,6 +66,8 @@ def _settings_from_config(settings: ReportSettings, config: Any) -> ReportSettin
         train_on=config.data.train_on,
         difficulty_samples=settings.difficulty_samples,
         batch_size=settings.batch_size,
+        seed=settings.seed,
+        topic_sample=settings.topic_sample,
     )
 
 
@@ -100,7 +105,9 @@ def build_report(stream: RecordStream, settings: ReportSettings, config: Any = N
         report = _findings(corpus, stream, settings)
         shown = _shown_indices(report)
         difficulty_indices = _difficulty_indices(corpus.size, settings)
-        records = collect_records(stream, shown | set(difficulty_indices))
+        sample = topics.sample_indices(corpus.size, settings.seed, settings.topic_sample)
+        records = collect_records(stream, shown | set(difficulty_indices) | set(sample))
+        report["diversity"]["topics"] = _topics([records[i] for i in sample], sample, corpus.size, settings)
         _attach_examples(report, records, corpus)
         if settings.model is not None and difficulty_indices:
             report["difficulty"] = _difficulty(settings, config, [records[i] for i in difficulty_indices],
@@ -202,9 +209,26 @@ def _attach_examples(report: dict[str, Any], records: dict[int, Record], corpus:
         group["records"] = [show(i) for i in group["records"][:EXAMPLE_MEMBERS]]
     for flag in report["flags"].values():
         flag["examples"] = [show(i) for i in flag["examples"]]
+    for cluster in report["diversity"]["topics"]["clusters"]:
+        cluster["examples"] = [show(i) for i in cluster["examples"]]
     tokens = report["lengths"]["tokens"]
     if tokens is not None:
         tokens["longest"] = [{**show(i), "tokens": int(corpus.columns["tokens"][i])} for i in tokens["longest"]]
+
+
+def _topics(records: list[Record], sample: list[int], total: int, settings: ReportSettings) -> dict[str, Any]:
+    """The content-diversity dimension: topic clusters of the sampled records' prompt + answer."""
+    texts = []
+    for record in records:
+        prompt, _, answer = record_texts(record)
+        half = topics.TEXT_CHARS // 2  # a long prompt must not crowd the answer out
+        texts.append(normalized(prompt[:half] + "\n" + answer[:half]))
+    found = topics.find_topics(texts, settings.seed)
+    if found is None:
+        return {"score": None, "kind": "content", "clusters": [],
+                "computed_from": f"topic clusters need at least {2 * topics.MIN_PER_CLUSTER} records sharing "
+                                 f"terms (each in {topics.MIN_DF}+ records); this input has too few"}
+    return {"kind": "content", **found.summary(sample, total, settings.seed)}
 
 
 def _difficulty_indices(size: int, settings: ReportSettings) -> list[int]:

@@ -4,14 +4,15 @@ Records are grouped by near-duplicate cluster (exact duplicates included), and w
 splits, so no test record has a copy in training. When the answers form a label set (:func:`infer_label_set`),
 each label is dealt on its own so every split holds the labels in the corpus's proportions (records without a label
 answer form one more stratum). Sizes follow the training config's rule: a fraction below 1 or a count. A group is
-never cut, so a split can exceed its size by less than one group.
+never cut, so a split can exceed its size by less than one group. The input is data files or a training config (its
+datasets in their declared formats, split together; weights do not apply).
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,11 @@ import numpy as np
 from tunelab.data.build import write_records
 from tunelab.data.quality import findings
 from tunelab.data.quality.analyze import analyze_stream
-from tunelab.data.quality.stream import files_stream
+from tunelab.data.quality.stream import Source, files_stream
 from tunelab.data.record import Record
 from tunelab.data.split import split_size
 
-__all__ = ["SPLIT_FILES", "SplitResult", "assign_groups", "split_file"]
+__all__ = ["SPLIT_FILES", "SplitResult", "assign_groups", "split_files"]
 
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
 
@@ -80,9 +81,10 @@ def assign_groups(group: np.ndarray, stratum: np.ndarray, n_test: int, n_val: in
     return side[np.searchsorted(roots, group)]
 
 
-def split_file(path: str, out_dir: Path, val_size: float, test_size: float, seed: int,
-               near_dup_threshold: float = 0.8) -> SplitResult:
-    stream = files_stream([path], split_by_name=False)
+def split_files(sources: Sequence[str | Source], out_dir: Path, val_size: float, test_size: float, seed: int,
+                near_dup_threshold: float = 0.8) -> SplitResult:
+    """Split the records of ``sources`` (files, or a config's datasets in their formats) together."""
+    stream = files_stream(sources, split_by_name=False)
     corpus = analyze_stream(stream)
     try:
         clusters = findings.cluster_near_duplicates(corpus, near_dup_threshold)

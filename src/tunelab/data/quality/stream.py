@@ -1,27 +1,32 @@
 """Records streamed from files or a training config, each with the split it belongs to.
 
-JSON Lines files are read line by line, so a corpus of any size passes through in constant memory; other layouts
-go through :func:`tunelab.data.readers.read_rows` (JSON arrays and CSV are read whole; Parquet in batches). Rows
-are parsed by the same :func:`~tunelab.data.readers.parse_record` as training, and a malformed row becomes a
+Every layout is streamed by :func:`tunelab.data.readers.read_rows` (JSON Lines by line, JSON arrays by element, CSV
+by row, Parquet in batches), so a corpus of any size passes through in memory that does not grow with it. Rows are
+parsed by the same :func:`~tunelab.data.readers.parse_record` as training, and a malformed row becomes a
 :class:`~tunelab.data.readers.Reject` with the reason training would give.
+
+A config's splits and mix are planned from record counts alone (:func:`tunelab.data.split.split_order` and
+:func:`~tunelab.data.split.sample_sources` need nothing else), so they are exactly training's without holding its
+records: one counting pass, then a few bytes per record.
 """
 
 from __future__ import annotations
 
-import codecs
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tunelab.config.schema import DataConfig
 from tunelab.data.readers import Reject, detect_format, parse_record, read_rows
-from tunelab.data.readers.files import RowOrError, parse_json_line
 from tunelab.data.record import Record
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError
 
-__all__ = ["SPLITS", "FileSummary", "RecordStream", "config_stream", "file_split", "files_stream", "iter_file"]
+__all__ = ["SPLITS", "FileSummary", "RecordStream", "Source", "config_stream", "file_split", "files_stream",
+           "iter_file", "read_inputs"]
 
 SPLITS = ("train", "validation", "test", "unused")
 """``unused``: in a config's data but left out of the training mix by its weight (and not held out)."""
@@ -39,6 +44,29 @@ def file_split(path: str) -> str:
     return "train"
 
 
+@dataclass(frozen=True)
+class Source:
+    """A data file and its layout (``auto`` detects it), as a config's dataset names them."""
+
+    path: str
+    format: str = "auto"
+
+
+def read_inputs(inputs: Sequence[str]) -> tuple[list[Source], Any]:
+    """``(sources, config)`` from a config (``*.yaml``/``*.yml``, optional ``key=value`` overrides after it) or files.
+
+    A config gives its datasets with their declared formats; files are detected. ``config`` is ``None`` for files.
+    """
+    if inputs and Path(inputs[0]).suffix.lower() in (".yaml", ".yml"):
+        from tunelab.config.load import load_config
+
+        config = load_config(inputs[0], list(inputs[1:]))
+        if not config.data.datasets:
+            raise ConfigError("data.datasets: no training data given; add at least one {path: FILE}")
+        return [Source(spec.path, spec.format) for spec in config.data.datasets], config
+    return [Source(path) for path in inputs], None
+
+
 @dataclass
 class FileSummary:
     path: str
@@ -48,6 +76,15 @@ class FileSummary:
     rejected: int = 0
     reject_examples: list[dict[str, str]] = field(default_factory=list)
 
+    def count(self, item: Record | Reject, fmt: str) -> None:
+        if isinstance(item, Reject):
+            self.rejected += 1
+            if len(self.reject_examples) < REJECT_EXAMPLES:
+                self.reject_examples.append({"source": item.source, "reason": item.reason})
+        else:
+            self.records += 1
+            self.format = fmt
+
 
 REJECT_EXAMPLES = 20
 """Bad records listed per file (all are counted)."""
@@ -56,7 +93,7 @@ REJECT_EXAMPLES = 20
 def iter_file(path: str, fmt: str = "auto") -> Iterator[tuple[Record | Reject, str]]:
     """``(record or reject, detected format)`` per row, as ``load_records(..., "skip")`` would read them."""
     detected = fmt if fmt != "auto" else None
-    for source, row in _rows(path):
+    for source, row in read_rows(path):
         try:
             if isinstance(row, DataError):
                 raise row
@@ -70,45 +107,15 @@ def iter_file(path: str, fmt: str = "auto") -> Iterator[tuple[Record | Reject, s
         yield record, detected
 
 
-def _rows(path: str) -> Iterator[RowOrError]:
-    if Path(path).suffix.lower() in (".jsonl", ".ndjson") and Path(path).is_file():
-        return _stream_jsonl(path)
-    return read_rows(path)
-
-
-def _stream_jsonl(name: str) -> Iterator[RowOrError]:
-    """Line by line, numbered and decoded as :func:`tunelab.data.readers.read_rows` does (UTF-8, BOM, else GBK).
-
-    The GBK fallback is decided per line here, per file there; a file that is valid in one encoding reads the same.
-    """
-    with open(name, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-            raw = raw.removesuffix(b"\n")  # as split("\n") leaves it: an error's column counts from the line
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                try:
-                    line = raw.decode("gbk")
-                except UnicodeDecodeError:
-                    yield f"{name}:{number}", DataError(f"{name}:{number}", "-", "not valid UTF-8 (or GBK) text")
-                    continue
-            if not line.strip():
-                continue
-            source = f"{name}:{number}"
-            yield source, parse_json_line(source, line)
-
-
 Item = tuple[Record, str]
 """A record and its split."""
 
 
 @dataclass
 class RecordStream:
-    """A re-iterable stream of ``(record, split)``: the report and the cleaner read their input twice.
+    """A re-iterable stream of ``(record, split)``: the report and the cleaner read their input more than once.
 
-    ``files`` is filled during the first pass; ``mix`` holds the training mix when the input is a config.
+    ``files`` is complete after the first pass; ``mix`` holds the training mix when the input is a config.
     """
 
     open: Callable[[], Iterator[Item]]
@@ -119,79 +126,85 @@ class RecordStream:
         return self.open()
 
 
-def files_stream(paths: Sequence[str], split_by_name: bool = True) -> RecordStream:
-    """Records of ``paths`` in order; each file's split comes from its name (:func:`file_split`) when asked."""
-    for path in paths:
-        if not Path(path).is_file():
-            raise DataError(path, None, "file not found" if not Path(path).exists() else "expected a file")
-    summaries = [FileSummary(path, file_split(path) if split_by_name else "train") for path in paths]
+def _as_source(source: str | Source) -> Source:
+    return source if isinstance(source, Source) else Source(source)
+
+
+def files_stream(sources: Sequence[str | Source], split_by_name: bool = True) -> RecordStream:
+    """Records of ``sources`` in order; each file's split comes from its name (:func:`file_split`) when asked."""
+    resolved = [_as_source(s) for s in sources]
+    for source in resolved:
+        if not Path(source.path).is_file():
+            raise DataError(source.path, None, "file not found" if not Path(source.path).exists() else
+                            "expected a file")
+    summaries = [FileSummary(s.path, file_split(s.path) if split_by_name else "train", s.format) for s in resolved]
     passes = 0
 
     def open_stream() -> Iterator[Item]:
         nonlocal passes
         passes += 1
         count = passes == 1
-        for summary in summaries:
-            for item, fmt in iter_file(summary.path):
-                if isinstance(item, Reject):
-                    if count:
-                        _count_reject(summary, item)
-                    continue
+        for source, summary in zip(resolved, summaries, strict=True):
+            for item, fmt in iter_file(source.path, source.format):
                 if count:
-                    summary.records += 1
-                    summary.format = fmt
-                yield item, summary.split
+                    summary.count(item, fmt)
+                if isinstance(item, Record):
+                    yield item, summary.split
 
     return RecordStream(open=open_stream, files=summaries)
 
 
-def _count_reject(summary: FileSummary, reject: Reject) -> None:
-    summary.rejected += 1
-    if len(summary.reject_examples) < REJECT_EXAMPLES:
-        summary.reject_examples.append({"source": reject.source, "reason": reject.reason})
+_TRAIN, _VALIDATION, _TEST, _UNUSED = (np.uint8(SPLITS.index(name)) for name in SPLITS)
 
 
 def config_stream(config: DataConfig) -> RecordStream:
-    """The records of a training config, split exactly as training splits them (:func:`load_splits`).
+    """The records of a training config, split and mixed exactly as :func:`tunelab.data.build.load_splits` does.
 
-    The splits are computed once (training holds its data in memory too); records left out of the training mix by
-    a weight below their share are ``unused``, and a record the mix repeats appears once.
+    A counting pass reads each dataset once (bad rows are skipped and listed, as with ``on_bad_record: skip``);
+    the splits and the mix are then planned from the counts, a byte per record. Records left out of the training
+    mix by a weight below their share are ``unused``, and a record the mix repeats appears once.
     """
-    from tunelab.data.build import load_splits
+    from tunelab.data.build import mix_entry
+    from tunelab.data.split import sample_sources, split_order
 
-    splits = load_splits(config.model_copy(update={"on_bad_record": "skip"}))
-    held_out = {r.source: "test" for r in splits.test} | {r.source: "validation" for r in splits.validation}
-    trained = {r.source for r in splits.train}
-    summaries = [FileSummary(e["path"], "train", e["format"], e["records"], e["rejected"]) for e in splits.mix]
-    by_path = {s.path: s for s in summaries}
-    for reject in splits.rejects:
-        path = reject.source.rsplit(":", 1)[0]
-        if path in by_path and len(by_path[path].reject_examples) < REJECT_EXAMPLES:
-            by_path[path].reject_examples.append({"source": reject.source, "reason": reject.reason})
-    mix = _describe_mix(splits.mix)
-    del splits
+    if not config.datasets:
+        raise ConfigError("data.datasets: no training data given; add at least one {path: FILE}")
+    summaries, sides, train_positions = [], [], []
+    for spec in config.datasets:
+        summary, rows = FileSummary(spec.path, "train", spec.format), 0
+        for item, fmt in iter_file(spec.path, spec.format):
+            rows += 1
+            summary.count(item, fmt)
+        if rows == 0:
+            raise DataError(spec.path, None, "the file holds no records")
+        shuffled, n_test, n_val = split_order(summary.records, config.val_size, config.test_size, config.seed)
+        order = np.array(shuffled, dtype=np.int64)
+        del shuffled
+        side = np.full(summary.records, _TRAIN, dtype=np.uint8)
+        side[order[:n_test]] = _TEST
+        side[order[n_test : n_test + n_val]] = _VALIDATION
+        summaries.append(summary)
+        sides.append(side)
+        train_positions.append(order[n_test + n_val :])
+    samples, _ = sample_sources([p.size for p in train_positions], [s.weight for s in config.datasets], config.seed)
+    total = sum(sample.count for sample in samples)
+    mix = []
+    for spec, summary, side, train, sample in zip(config.datasets, summaries, sides, train_positions, samples,
+                                                   strict=True):
+        if sample.repeats == 0:  # subsampled: only the drawn positions of the training part are used
+            side[train] = _UNUSED
+            side[train[np.array(sample.extra, dtype=np.int64)]] = _TRAIN
+        mix.append({"path": spec.path, "format": summary.format, "records": summary.records,
+                    "rejected": summary.rejected, "weight": spec.weight, "train_available": int(train.size),
+                    **mix_entry(sample, total)})
+    del train_positions, samples
 
     def open_stream() -> Iterator[Item]:
-        for spec in config.datasets:
+        for spec, side in zip(config.datasets, sides, strict=True):
+            index = 0
             for item, _ in iter_file(spec.path, spec.format):
                 if isinstance(item, Record):
-                    split = held_out.get(item.source) or ("train" if item.source in trained else "unused")
-                    yield item, split
+                    yield item, SPLITS[side[index]]
+                    index += 1
 
     return RecordStream(open=open_stream, files=summaries, mix=mix)
-
-
-def _describe_mix(mix: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each source's mix entry plus how :func:`tunelab.data.split.mix_sources` sampled it, in words."""
-    described = []
-    for entry in mix:
-        available, used = entry["train_available"], entry["train_used"]
-        if used == available:
-            sampling = "every record once"
-        elif used < available:
-            sampling = f"{used} of {available} sampled without replacement"
-        else:
-            whole, rest = divmod(used, available)
-            sampling = f"repeated {whole}x, plus {rest} sampled without replacement"
-        described.append({**entry, "sampling": sampling})
-    return described

@@ -36,10 +36,14 @@ def normalized(text: str) -> str:
 
 def language(text: str) -> str:
     """``zh``, ``en``, ``other`` or ``none`` (see the module docstring)."""
+    if text.isascii():  # most English text: its letters are all Latin (a fast path, same answer)
+        return "en" if _LATIN_LETTER.search(text) else "none"
+    cjk = len(_CJK_CHAR.findall(text))
+    if cjk >= _CJK_SHARE * len(text):  # letters <= characters: Chinese without counting the letters
+        return "zh"
     letters = len(_LETTER.findall(text))
     if letters == 0:
         return "none"
-    cjk = len(_CJK_CHAR.findall(text))
     if cjk >= _CJK_SHARE * letters:
         return "zh"
     if len(_LATIN_LETTER.findall(text)) >= _LATIN_SHARE * letters:

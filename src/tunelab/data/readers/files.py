@@ -4,8 +4,10 @@ This module knows about file layouts and text encodings, nothing about record fo
 ``DataError`` for a row that cannot be read) and leaves their meaning to ``formats.py``.
 
 Problems that spoil the whole file (missing, unsupported type, undecodable bytes, a broken JSON array) raise
-``DataError``. A single unreadable row (a malformed JSONL line, a CSV row with too many cells, a non-object) is
-yielded as a ``DataError`` in place of the row so the loader can skip it or stop, as the user chose.
+``DataError``. Every layout is streamed (JSON Lines line by line, JSON arrays element by element, CSV row by row,
+Parquet in batches), so a file of any size is read in memory that does not grow with it. A single unreadable row
+(a malformed JSONL line, a CSV row with too many cells, a non-object) is yielded as a ``DataError`` in place of the
+row so the loader can skip it or stop, as the user chose.
 """
 
 from __future__ import annotations
@@ -63,17 +65,49 @@ def decode_text(data: bytes, name: str) -> str:
             # any other legacy encoding still fails below instead of turning into mojibake in most cases.
             return data.decode("gbk")
         except UnicodeDecodeError:
-            bad = data[utf8_error.start]
-            where = offset + utf8_error.start
-            raise DataError(
-                name,
-                None,
-                f"not valid UTF-8 (or GBK) text: byte 0x{bad:02x} at offset {where}; re-save the file as UTF-8",
-            ) from None
+            raise _undecodable(name, data[utf8_error.start], offset + utf8_error.start) from None
 
 
-def _read_text(path: Path, name: str) -> str:
-    return decode_text(path.read_bytes(), name)
+def text_encoding(path: Path, name: str) -> tuple[str, int]:
+    """``(encoding, BOM length)`` that :func:`decode_text` would use for the file, found by streaming it once.
+
+    The readers then decode the file piece by piece with that encoding, so the choice is made per file (a file
+    that is valid UTF-8 up to its last line is not read as UTF-8 and then GBK halfway through).
+    """
+    with path.open("rb") as handle:
+        bom = len(codecs.BOM_UTF8) if handle.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+        handle.seek(bom)
+        utf8_error = _first_decode_error(handle, "utf-8")
+        if utf8_error is None:
+            return "utf-8", bom
+        handle.seek(bom)
+        if _first_decode_error(handle, "gbk") is None:
+            return "gbk", bom
+    raise _undecodable(name, utf8_error[1], bom + utf8_error[0])
+
+
+_SCAN_BYTES = 1 << 20
+
+
+def _first_decode_error(handle: Any, encoding: str) -> tuple[int, int] | None:
+    """``(offset, byte)`` of the first byte that does not decode, or ``None``; reads from the current position."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    offset = 0  # of the next chunk, from where reading started
+    while True:
+        chunk = handle.read(_SCAN_BYTES)
+        pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk's end
+        try:
+            decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as error:
+            return offset - pending + error.start, error.object[error.start]
+        if not chunk:
+            return None
+        offset += len(chunk)
+
+
+def _undecodable(name: str, byte: int, offset: int) -> DataError:
+    return DataError(name, None,
+                     f"not valid UTF-8 (or GBK) text: byte 0x{byte:02x} at offset {offset}; re-save the file as UTF-8")
 
 
 def _not_an_object(source: str, value: object) -> DataError:
@@ -94,70 +128,156 @@ def parse_json_line(source: str, line: str) -> dict[str, Any] | DataError:
 
 
 def _read_jsonl(path: Path, name: str) -> Iterator[RowOrError]:
-    text = _read_text(path, name)
-    # Split on "\n" only: str.splitlines() would also break at U+2028 and friends, which JSON strings may contain.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        source = f"{name}:{number}"
-        yield source, parse_json_line(source, line)
+    encoding, bom = text_encoding(path, name)
+    with path.open("rb") as handle:
+        handle.seek(bom)
+        # Split on b"\n" only: str.splitlines() would also break at U+2028 and friends, which JSON strings may
+        # contain. In UTF-8 and GBK the byte 0x0a is never part of a multi-byte character, so splitting the bytes
+        # first and decoding each line gives the same lines as decoding the file first.
+        for number, raw in enumerate(handle, start=1):
+            line = raw.removesuffix(b"\n").decode(encoding)
+            if not line.strip():
+                continue
+            source = f"{name}:{number}"
+            yield source, parse_json_line(source, line)
 
 
 def _read_json(path: Path, name: str) -> Iterator[RowOrError]:
     """A top-level array of objects; also a bare stream of objects (JSON Lines saved with a ``.json`` name).
 
-    Each row's line is where its object starts, found by decoding one value at a time with ``raw_decode`` and
-    counting newlines as the scan moves forward, so the whole pass stays linear in the file size.
+    Read through a sliding window (:class:`_JsonWindow`), one element at a time, so the file is never held whole.
+    Each row's line is where its element starts.
     """
-    text = _read_text(path, name)
-    decoder = json.JSONDecoder()
-    lines = _LineCounter(text)
+    encoding, bom = text_encoding(path, name)
+    with path.open("rb") as raw:
+        raw.seek(bom)
+        window = _JsonWindow(io.TextIOWrapper(raw, encoding=encoding, newline=""), name)
+        if not window.skip_whitespace():
+            return
+        if window.peek() == "{":
+            while window.skip_whitespace():
+                yield window.row()
+            return
+        if window.peek() != "[":
+            raise window.fail("expected an array of objects ('[') or an object ('{')")
+        window.advance()
+        if not window.skip_whitespace():
+            raise window.fail("the array is not closed with ']'")
+        if window.peek() == "]":
+            window.advance()
+        else:
+            while True:
+                yield window.row()
+                if not window.skip_whitespace():
+                    raise window.fail("the array is not closed with ']'")
+                if window.peek() == ",":
+                    window.advance()
+                    window.skip_whitespace()
+                elif window.peek() == "]":
+                    window.advance()
+                    break
+                else:
+                    raise window.fail("expected ',' or ']' after an array element")
+        if window.skip_whitespace():
+            raise window.fail("unexpected text after the closing ']'")
 
-    def fail(pos: int, problem: str) -> DataError:
-        # A broken array cannot be resynchronised, so this ends the file rather than one row.
-        return DataError(f"{name}:{lines.at(pos)}", "-", f"invalid JSON: {problem}")
 
-    def decode_at(pos: int) -> tuple[Any, int]:
-        try:
-            return decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{name}:{error.lineno}", "-", _invalid_json(error)) from None
+_WINDOW_CHARS = 1 << 20
+"""Characters read at a time by :class:`_JsonWindow`; an element longer than the window doubles the next read."""
 
-    def row_at(pos: int, value: Any) -> RowOrError:
-        source = f"{name}:{lines.at(pos)}"
+
+class _JsonWindow:
+    """The unread part of a JSON text file, decoded one value at a time with ``json.JSONDecoder.raw_decode``.
+
+    Why not ``ijson``: it yields values without their position in the file, and every row must name the line its
+    element starts on. ``raw_decode`` on a window of text gives the end offset of each value, the window keeps a
+    running line count, and the standard library's decoder reads values exactly as ``json.loads`` does.
+
+    The window always starts at the beginning of a line, so a ``JSONDecodeError``'s column is the column in the file
+    and its line is an offset from :attr:`first_line`. A value cut off by the end of the window is retried after
+    reading more; a real syntax error is therefore reported once the rest of the file has been read, at the latest.
+    """
+
+    _decoder = json.JSONDecoder()
+
+    def __init__(self, handle: io.TextIOBase, name: str) -> None:
+        self.handle, self.name = handle, name
+        self.text, self.pos, self.eof = "", 0, False
+        self.first_line = 1
+        """Line number of ``text[0]``."""
+        self._counted, self._line = 0, 1  # the line number at offset _counted of text, advanced as pos moves on
+
+    def line_at(self, pos: int) -> int:
+        if pos >= self._counted:
+            self._line += self.text.count("\n", self._counted, pos)
+        else:
+            self._line -= self.text.count("\n", pos, self._counted)
+        self._counted = pos
+        return self._line
+
+    def _read_more(self) -> bool:
+        """Append the next piece of the file, dropping the lines before ``pos``; at the end of the file, change
+        nothing (so a decoding error's position still points into ``text``) and return False."""
+        if self.eof:
+            return False
+        chunk = self.handle.read(max(_WINDOW_CHARS, len(self.text) - self.pos))
+        if not chunk:
+            self.eof = True
+            return False
+        keep = self.text.rfind("\n", 0, self.pos) + 1
+        if keep:
+            self.first_line = self.line_at(keep)
+            self.text, self.pos, self._counted = self.text[keep:], self.pos - keep, 0
+        self.text += chunk
+        return True
+
+    def skip_whitespace(self) -> bool:
+        """Move past JSON whitespace; False when the file ends first."""
+        while True:
+            self.pos = _skip_whitespace(self.text, self.pos)
+            if self.pos < len(self.text):
+                return True
+            if not self._read_more():
+                return False
+
+    def peek(self) -> str:
+        return self.text[self.pos]
+
+    def advance(self) -> None:
+        self.pos += 1
+
+    def row(self) -> RowOrError:
+        """The value at ``pos`` (which is not whitespace) as a row, leaving ``pos`` after it."""
+        start = self.pos
+        while True:
+            try:
+                value, end = self._decoder.raw_decode(self.text, start)
+            except json.JSONDecodeError as error:
+                if _maybe_cut_off(error) and self._read_more():
+                    start = self.pos
+                    continue
+                line = self.first_line + error.lineno - 1
+                raise DataError(f"{self.name}:{line}", "-", _invalid_json(error)) from None
+            if end == len(self.text) and self._read_more():
+                start = self.pos  # a number may go on in the next piece
+                continue
+            break
+        source = f"{self.name}:{self.line_at(start)}"
+        self.pos = end
         return source, value if isinstance(value, dict) else _not_an_object(source, value)
 
-    pos = _skip_whitespace(text, 0)
-    if pos == len(text):
-        return
-    if text[pos] == "{":
-        while pos < len(text):
-            value, end = decode_at(pos)
-            yield row_at(pos, value)
-            pos = _skip_whitespace(text, end)
-        return
-    if text[pos] != "[":
-        raise fail(pos, "expected an array of objects ('[') or an object ('{')")
-    pos = _skip_whitespace(text, pos + 1)
-    if text.startswith("]", pos):
-        pos += 1
-    else:
-        while True:
-            value, end = decode_at(pos)
-            yield row_at(pos, value)
-            pos = _skip_whitespace(text, end)
-            if text.startswith(",", pos):
-                pos = _skip_whitespace(text, pos + 1)
-            elif text.startswith("]", pos):
-                pos += 1
-                break
-            elif pos == len(text):
-                raise fail(pos, "the array is not closed with ']'")
-            else:
-                raise fail(pos, "expected ',' or ']' after an array element")
-    pos = _skip_whitespace(text, pos)
-    if pos != len(text):
-        raise fail(pos, "unexpected text after the closing ']'")
+    def fail(self, problem: str) -> DataError:
+        # A broken array cannot be resynchronised, so this ends the file rather than one row.
+        return DataError(f"{self.name}:{self.line_at(self.pos)}", "-", f"invalid JSON: {problem}")
+
+
+def _maybe_cut_off(error: json.JSONDecodeError) -> bool:
+    """Whether the error could come from the window ending inside a value rather than from bad JSON.
+
+    The end of the window cuts a value at its last few characters (``tr`` of ``true``, half a ``\\u`` escape) or
+    inside a string; any other error is reported at once instead of reading the rest of the file first.
+    """
+    return error.pos >= len(error.doc) - 16 or error.msg.startswith("Unterminated string")
 
 
 def _skip_whitespace(text: str, pos: int) -> int:
@@ -166,28 +286,17 @@ def _skip_whitespace(text: str, pos: int) -> int:
     return match.end()
 
 
-class _LineCounter:
-    """Line numbers of increasing offsets in one text, counting each newline once."""
-
-    def __init__(self, text: str) -> None:
-        self._text = text
-        self._pos = 0
-        self._line = 1
-
-    def at(self, pos: int) -> int:
-        if pos < self._pos:
-            return self._text.count("\n", 0, pos) + 1
-        self._line += self._text.count("\n", self._pos, pos)
-        self._pos = pos
-        return self._line
-
-
 def _read_csv(path: Path, name: str) -> Iterator[RowOrError]:
-    text = _read_text(path, name)
+    encoding, bom = text_encoding(path, name)
     # The csv module refuses fields over 128 KiB by default; documents for continued pre-training are often longer.
     # The limit is process-wide, so it is only ever raised.
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-    reader = csv.reader(io.StringIO(text, newline=""))
+    with path.open("rb") as raw:
+        raw.seek(bom)
+        yield from _csv_rows(csv.reader(io.TextIOWrapper(raw, encoding=encoding, newline="")), name)
+
+
+def _csv_rows(reader: Any, name: str) -> Iterator[RowOrError]:
     try:
         header = next(reader, None)
         if header is None:
