@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared pass on a lent GPU machine (about 9 minutes), most important first: QLoRA vs LoRA memory, padded vs
+# One prepared pass on a lent GPU machine (under 10 minutes), most important first: QLoRA vs LoRA memory, padded vs
 # padding-free vs a plain HF Trainer, MFU at real shapes (1.5B full, Llama-3-8B-shape LoRA), then the speed options.
 # Each part has its own time limit and log under $OUT, so one failure leaves the others' numbers.
 # Carried: .whl (pydantic, liger-kernel), .whl2 (transformers 5.24, peft 0.21.2, tokenizers) and .bnb (bitsandbytes
@@ -18,17 +18,17 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, keep the log, show t
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit=$? in $((SECONDS - start)) s"
   grep -E "^RESULT|^\||Error|error:|Traceback" "$OUT/$name.log" | grep -v "^| *$" | tail -14
 }
-part methods 110 python3 bench/gpu_methods.py --shape qwen2.5-1.5b --methods lora,qlora,qlora8 --steps 10 \
+part methods 90 python3 bench/gpu_methods.py --shape qwen2.5-1.5b --methods lora,qlora,qlora8 --steps 10 \
   --batch 8 --cutoff 1024 --samples 120 --out /tmp/methods
 cp /tmp/methods/methods.json "$OUT/" 2>/dev/null
-part sft 150 python3 bench/gpu_sft.py --shape qwen2.5-0.5b --methods lora --steps 15 --repeats 1 \
+part sft 120 python3 bench/gpu_sft.py --shape qwen2.5-0.5b --methods lora --steps 15 --repeats 1 \
   --batching padded,padding_free --cutoff 2048 --samples 300 --out /tmp/bench
 cp /tmp/bench/results.json "$OUT/sft.json" 2>/dev/null
-part mfu 280 python3 bench/gpu_mfu.py --runs qwen2.5-1.5b:full,llama3-8b:lora --seq 4096 --batch 2 --steps 10 \
+part mfu 220 python3 bench/gpu_mfu.py --runs qwen2.5-1.5b:full,llama3-8b:lora --seq 4096 --batch 2 --steps 10 \
   --samples 500 --out /tmp/mfu
 cp /tmp/mfu/mfu.json "$OUT/" 2>/dev/null
 if [ -n "${SPEED_EXTRA:-}" ]; then  # the speed options (torch.compile, 8-bit optimizer, offload) on the 1.5B model
-  part options 120 python3 bench/gpu_mfu.py --runs "$SPEED_EXTRA" --seq 4096 --batch 2 --steps 8 --samples 500 \
+  part options 130 python3 bench/gpu_mfu.py --runs "$SPEED_EXTRA" --seq 4096 --batch 2 --steps 8 --samples 500 \
     --out /tmp/mfu
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -41,6 +41,8 @@ SHAPES = {
                        num_key_value_heads=2, intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(arch="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "small": dict(arch="qwen2", hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=1536, vocab_size=32000, tie_word_embeddings=True),
     "tiny": dict(arch="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=8000, tie_word_embeddings=True),
 }

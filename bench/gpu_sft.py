@@ -30,6 +30,7 @@ SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864),
     "qwen2.5-1.5b": dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960),
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
+    "cpu-small": dict(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=2, intermediate_size=688),  # sft_cpu's
 }
 
 
@@ -44,15 +45,18 @@ def build_model(out: Path, shape: str) -> Path:
     return out
 
 
-def build_data(path: Path, n: int, seed: int = 0) -> Path:
-    """Mixed lengths: short tool calls, and multi-turn chats stitched from several demo samples (up to ~1.5k tokens)."""
+def build_data(path: Path, n: int, seed: int = 0, stitched: tuple[int, ...] = (1, 1, 2, 4, 8, 16, 24)) -> Path:
+    """Mixed lengths: short tool calls, and multi-turn chats stitched from several demo samples (up to ~1.5k tokens).
+
+    Each sample stitches a number of demo conversations drawn from ``stitched`` (about 30 tokens each).
+    """
     demo = [json.loads(line) for line in
             Path(str(resources.files("tunelab.resources").joinpath("demo_sft.jsonl"))).read_text("utf-8").splitlines()]
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         turns = []
-        for sample in rng.sample(demo, rng.choice([1, 1, 2, 4, 8, 16, 24])):
+        for sample in rng.sample(demo, rng.choice(stitched)):
             turns.extend(m for m in sample["messages"] if m["role"] != "system")
         rows.append({"messages": turns})
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")

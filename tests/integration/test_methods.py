@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import arithmetic_rows, write_jsonl
+from conftest import arithmetic_rows, prompt_adapter_with_random_tokens, write_jsonl
 from tunelab.config.load import load_config
 from tunelab.data.collate import PaddedCollator
 from tunelab.errors import ConfigError
@@ -115,16 +115,7 @@ def test_virtual_token_generation_matches_a_full_forward_pass(tokenizer, tiny_mo
     peft's own ``generate`` fails this on transformers 5.2x (the prefix is dropped, or the prompt re-inserted at
     every step), which is why tunelab generates prompt-learning adapters itself.
     """
-    config = load_config(None, [f"model.name_or_path={tiny_model}", "model.dtype=fp32", f"method.name={method}",
-                                "method.prefix.num_virtual_tokens=4", "method.ptuning.num_virtual_tokens=4",
-                                "method.prompt_tuning.num_virtual_tokens=4"])
-    torch.manual_seed(0)
-    model = apply_method(load_model(config.model), config.method)
-    with torch.no_grad():  # random virtual tokens that visibly change the outputs
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param))
-    model.eval()
+    model = prompt_adapter_with_random_tokens(tiny_model, method)
     prompts = [tokenizer.encode(text) for text in ("What is 3 plus 4? 计算 5 加 6", "hi", "计算 5 加")]
     batch = PaddedCollator(pad_token_id=tokenizer.pad_token_id, padding_side="left")(
         [{"input_ids": ids} for ids in prompts])

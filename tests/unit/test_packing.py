@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tunelab.config.schema import DataConfig
 from tunelab.data.packing import BATCHINGS, FlatCollator, pack_rows
 from tunelab.data.tokenize import IGNORE_INDEX
-from tunelab.models.packed_attention import _sample_bounds, varlen_sdpa_attention
+from tunelab.models.packed_attention import _sample_bounds, attention_dtype, same_logits, varlen_sdpa_attention
 from tunelab.train.loss import linear_cross_entropy_sum
 from tunelab.train.meter import FedBatches, TrainingCheckCallback, meter_summary
 
@@ -98,6 +98,27 @@ def _reference_ce(hidden, weight, bias, targets):
     return F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
 
 
+def test_isolation_probe_tolerates_rounding_but_not_attention_bugs():
+    """Half precision: kernel rounding (about 1% here) passes, a wrong mask or position (tens of %) does not."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 1000, generator=generator) * 4
+    rounding = logits * (1 + 0.01 * torch.randn(5, 1000, generator=generator))
+    wrong = logits + 0.4 * torch.randn(5, 1000, generator=generator) * logits.std()
+    assert same_logits(rounding, logits, torch.bfloat16) and not same_logits(wrong, logits, torch.bfloat16)
+    assert same_logits(logits + 1e-5, logits, torch.float32) and not same_logits(rounding, logits, torch.float32)
+
+
+def test_attention_runs_in_the_autocast_precision_like_sdpa():
+    """fp32 queries (fp32 master weights) under bf16 autocast attend in bf16, as SDPA would: the varlen kernel is
+    chosen by this dtype, so full fine-tuning is not sent down the slow per-sample path."""
+    query = torch.zeros(1, 2, 4, 8)
+    assert attention_dtype(query) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention_dtype(query) == torch.bfloat16
+        assert attention_dtype(query.half()) == torch.float16  # already half precision: kept
+    assert attention_dtype(query.bfloat16()) == torch.bfloat16
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_chunked_linear_cross_entropy_matches_full_logits(with_bias):
     torch.manual_seed(0)
@@ -138,6 +159,8 @@ def test_fed_batches_counts_slots_samples_and_squared_lengths():
     fed.add(FlatCollator()(features(3, 4)))
     assert fed.slots == 10 + 7 and fed.samples == 4
     assert int(fed.squared_lengths) == 9 + 25 + 9 + 16
+    # The largest micro-batch: 10 slots (longest 5 × 2 rows) holding 8 real tokens; the flat one holds 7 in 7.
+    assert fed.largest_slots == 10 and int(fed.largest_tokens) == 8
 
 
 def test_training_check_flags_a_run_that_did_not_train():

@@ -14,9 +14,13 @@ MAPPED = {
     "output_dir", "learning_rate", "lr_scheduler_type", "weight_decay", "max_grad_norm", "num_train_epochs",
     "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
     "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "warmup_ratio", "report_to",
-    "gradient_checkpointing",
+    "gradient_checkpointing", "optim",
 }
-TUNELAB_ONLY = {"stage", "resume", "stop_on_nonfinite_loss", "lean_loss"}
+# torch_compile is tunelab's own (per-layer, in place; see tunelab.train.compile), not the Trainer's whole-model one.
+TUNELAB_ONLY = {
+    "stage", "resume", "stop_on_nonfinite_loss", "lean_loss", "activation_offload", "torch_compile",
+    "torch_compile_backend",
+}
 
 
 def training_arguments(
@@ -64,6 +68,7 @@ def training_arguments(
         # Non-finite losses must reach our guard, not be averaged away by the logger.
         logging_nan_inf_filter=False,
         gradient_checkpointing=train.gradient_checkpointing,
+        optim=train.optim,
         # Non-reentrant: the reentrant variant needs inputs that require grad, which a frozen base never gives.
         gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         # A flat row holds only real tokens; counting "non-pad" ids there would miss real EOS tokens whenever the

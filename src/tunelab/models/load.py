@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,13 +14,82 @@ from tunelab.errors import ConfigError, ModelError
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def resolve_dtype(name: str) -> str:
-    """``auto`` -> bf16 on a GPU that supports it, else fp32; fp16 needs CUDA (its loss scaling is CUDA-only)."""
-    if name == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+@dataclass(frozen=True)
+class Precision:
+    dtype: str
+    """fp32, fp16 or bf16."""
+    reason: str
+    """Why, in words: printed at the start of a run and stored in summary.json."""
+
+
+def choose_precision(name: str, *, training: bool = False) -> Precision:
+    """``model.dtype`` for this machine. ``auto``: on a GPU bf16 where it runs natively, else fp16 on tensor cores
+    (compute capability 7+), else fp32; in training on a CPU, bf16 autocast where the processor computes bf16
+    natively (AMX or AVX512_BF16), else fp32.
+
+    Evaluation, chat and serving on a CPU (``training=False``) stay fp32 under ``auto``: bf16 weights would change
+    the generated answers with the processor they run on, and those are compared against fp32 references.
+    fp16 needs CUDA (its loss scaling is CUDA-only).
+    """
     if name == "fp16" and not torch.cuda.is_available():
         raise ConfigError("model.dtype: fp16 training needs a CUDA GPU; on CPU use fp32 or bf16")
-    return name
+    if name != "auto":
+        return Precision(name, "set by model.dtype")
+    if torch.cuda.is_available():
+        return _gpu_precision()
+    if not training:
+        return Precision("fp32", "auto on a CPU outside training: fp32")
+    feature = native_cpu_bf16()
+    if feature:
+        return Precision("bf16", f"auto: this CPU computes bf16 natively ({feature}); bf16 autocast, trained "
+                                 "weights kept in fp32")
+    return Precision("fp32", "auto: this CPU has no native bf16 (AMX or AVX512_BF16), so bf16 would be emulated "
+                             "and slower than fp32")
+
+
+def _gpu_precision() -> Precision:
+    name = torch.cuda.get_device_name(0)
+    try:  # without emulation: torch counts an emulated (slow) bf16 on pre-Ampere GPUs as supported by default
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no such argument and counts native support only
+        bf16 = torch.cuda.is_bf16_supported()
+    if bf16:
+        return Precision("bf16", f"auto: {name} computes bf16 natively")
+    if torch.cuda.get_device_capability(0)[0] >= 7:
+        return Precision("fp16", f"auto: {name} has no native bf16; fp16 on its tensor cores, with loss scaling")
+    return Precision("fp32", f"auto: {name} has neither bf16 nor fp16 tensor cores")
+
+
+def native_cpu_bf16() -> str:
+    """The CPU feature that computes bf16 natively ("AMX", "AVX512_BF16"), or "" when bf16 would be emulated.
+
+    ``torch.backends.cpu.get_cpu_capability()`` cannot tell (it says "AVX512" with or without bf16), so this asks
+    torch's cpuinfo probes, or reads the kernel's CPU flags where this torch has no probes.
+    """
+    probes = (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported"))
+    if all(hasattr(torch.cpu, attr) for _, attr in probes):
+        return next((feature for feature, attr in probes if getattr(torch.cpu, attr)()), "")
+    flags = cpu_flags()
+    return next((feature for feature, flag in (("AMX", "amx_bf16"), ("AVX512_BF16", "avx512_bf16")) if flag in flags),
+                "")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The ``flags`` of the first processor in ``/proc/cpuinfo`` (empty off Linux)."""
+    try:
+        text = cpuinfo.read_text("utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def resolve_dtype(name: str) -> str:
+    """``model.dtype`` for loading a model outside training (see :func:`choose_precision`)."""
+    return choose_precision(name).dtype
 
 
 def load_tokenizer(config: ModelConfig) -> Any:

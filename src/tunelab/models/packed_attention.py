@@ -60,12 +60,25 @@ def varlen_sdpa_attention(
     if attention_mask is not None or batch != 1 or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
+    return _flat_row_attention(query, key, value, dropout, scaling, sliding_window, kwargs)
+
+
+# Never traced by torch.compile (train.torch_compile): the sample boundaries are read from the batch as Python
+# ints, so a traced version would specialise on them and recompile at every step (each flat row has new lengths).
+@torch.compiler.disable
+def _flat_row_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, scaling: float | None,
+    sliding_window: int | None, kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, None]:
+    length = query.shape[2]
     if kwargs.get("softcap") is not None:  # enable_padding_free refuses such models; never compute it wrong
         raise ValueError(f"{VARLEN_SDPA} does not implement attention logit soft-capping")
     bounds = _sample_bounds(kwargs, length)
     gqa = query.shape[1] != key.shape[1]
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
-        out = _cuda_varlen(query, key, value, bounds, kwargs.get("cu_seq_lens_q"), scaling, sliding_window, gqa)
+    dtype = attention_dtype(query)
+    if query.is_cuda and dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
+        q, k, v = (t.to(dtype) for t in (query, key, value))
+        out = _cuda_varlen(q, k, v, bounds, kwargs.get("cu_seq_lens_q"), scaling, sliding_window, gqa)
         if out is not None:
             return out, None
     outputs = []
@@ -83,6 +96,21 @@ def varlen_sdpa_attention(
         outputs.append(out)
     attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return attn.transpose(1, 2).contiguous(), None
+
+
+def attention_dtype(query: torch.Tensor) -> torch.dtype:
+    """The precision attention runs in: autocast's when it is on, as for the SDPA call it replaces.
+
+    Full fine-tuning keeps fp32 master weights, so the residual stream and the rotary-embedded query are fp32
+    even under bf16 autocast; SDPA would cast them itself, and the varlen kernel must do the same instead of
+    falling back to the per-sample loop (measured on an H200: full fine-tuning of a 1.5B shape at 4.6% MFU
+    against LoRA's 16% on the same packed batches, before this)."""
+    device = query.device.type
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        autocast = torch.get_autocast_dtype(device)
+        if autocast in (torch.float16, torch.bfloat16):
+            return autocast
+    return query.dtype
 
 
 def _no_cudnn(query: torch.Tensor) -> Any:
@@ -288,11 +316,20 @@ def probe_isolation(model: Any, reference_attention: str) -> str:
         model.train(was_training)
     if not (torch.isfinite(packed).all() and torch.isfinite(alone).all()):
         return "the model's logits are not finite, so isolation cannot be checked"
-    scale = max(1.0, float(alone.abs().max()))
     dtype = next(model.parameters()).dtype
-    tolerance = (1e-4 if dtype == torch.float32 else 3e-2) * scale
-    if (packed - changed).abs().max() > tolerance:
+    if not same_logits(packed, changed, dtype):
         return "a sample's logits changed when another sample in the same row changed (attention crosses samples)"
-    if (packed - alone).abs().max() > tolerance:
+    if not same_logits(packed, alone, dtype):
         return "a sample's logits in a flat row differ from its logits alone (positions or attention not per sample)"
     return ""
+
+
+def same_logits(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Equal up to the rounding of ``dtype``: max difference within 1e-4 of the largest logit in fp32; in bf16/fp16
+    a relative L2 error under 5%. Two attention kernels round differently, and in half precision the difference
+    grows with depth (a 32-layer Llama-3-8B shape on an H200 was past a 3% max-abs bound), while what the probe
+    looks for — attention across samples, positions not restarting, a missing causal mask — changes logits by
+    tens of percent."""
+    if dtype == torch.float32:
+        return bool((got - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max())))
+    return bool(torch.linalg.vector_norm(got - expected) <= 0.05 * torch.linalg.vector_norm(expected))

@@ -1,6 +1,7 @@
 """The throughput meter and the "did it train" check of every run.
 
-Rates are over optimizer-step time (``StepTimerCallback``), so logging, evaluation and checkpoints do not count.
+Rates are over optimizer-step time (``StepTimerCallback``), so logging, evaluation and checkpoints do not count,
+nor does the compile time of ``train.torch_compile`` (reported as ``compile_s``).
 Model FLOPs per token follow the PaLM appendix-B convention: 2 FLOPs per weight per token forward, 2 more backward
 for the activation gradient, 2 more for the weight gradient of *trained* weights only (LoRA and freeze skip
 those for the frozen base), plus ``12·layers·hidden·s`` for attention, where ``s = Σ lᵢ² / Σ lᵢ`` is the context
@@ -30,7 +31,8 @@ DEVICE_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
 
 @dataclass
 class FedBatches:
-    """What the training steps were fed: token slots (padding included), samples, and Σ lᵢ² per sample.
+    """What the training steps were fed: token slots (padding included), samples, and Σ lᵢ² per sample; and the
+    largest micro-batch, whose size sets the activation memory (in slots: longest × batch when padded).
 
     Counts stay device tensors where they come from the batch, so counting never waits for the GPU.
     """
@@ -38,10 +40,13 @@ class FedBatches:
     slots: int = 0
     samples: int = 0
     squared_lengths: Any = 0
+    largest_slots: int = 0
+    largest_tokens: Any = 0
 
     def add(self, inputs: dict[str, Any]) -> None:
         ids = inputs["input_ids"]
         self.slots += ids.numel()
+        self.largest_slots = max(self.largest_slots, ids.numel())
         cu = inputs.get("cu_seq_lens_q")
         if cu is not None:
             lengths = cu[1:] - cu[:-1]
@@ -51,6 +56,8 @@ class FedBatches:
             lengths = torch.full((ids.shape[0],), ids.shape[-1], device=ids.device)
         self.samples += int(lengths.shape[0])
         self.squared_lengths = self.squared_lengths + (lengths.long() ** 2).sum()
+        self.largest_tokens = torch.maximum(torch.as_tensor(self.largest_tokens, device=lengths.device),
+                                            lengths.long().sum())
 
 
 class TrainingCheckCallback(TrainerCallback):
@@ -160,6 +167,10 @@ class Throughput:
         out = [f"throughput: {v['real_tokens_per_s']:,.0f} real tokens/s, {v['supervised_tokens_per_s']:,.0f} "
                f"supervised tokens/s, {v['samples_per_s']:.2f} samples/s; padding efficiency "
                f"{v['padding_efficiency']:.1%} ({v['batching']} batches)"]
+        if "compile_s" in v:
+            out.append(f"torch.compile: {v['compile_s']:.1f} s in the first steps, left out of tokens/s"
+                       if v["compile_s"] is not None else
+                       "torch.compile: too few steps to tell compile time from step time (rates include it)")
         if v.get("mfu_measured_peak") is not None:
             stated = (f", {v['mfu_stated_peak']:.1%} of {v['stated_peak_tflops']:.0f} TFLOP/s {v['stated_peak']}"
                       if v.get("mfu_stated_peak") is not None else "")
@@ -172,7 +183,9 @@ def throughput_report(trainer: Any, timer: Any, *, batching: str, dtype: str) ->
     """Rates over step time, padding efficiency of what was fed, FLOPs per token and MFU."""
     fed: FedBatches = trainer.fed
     timed = timer.report()
-    step_time = timed.get("train_step_time_s") or 0.0
+    # Compile time (train.torch_compile) is reported on its own and left out of every rate.
+    compile_s = timed.get("compile_s")
+    step_time = (timed.get("train_step_time_s") or 0.0) - (compile_s or 0.0)
     real = timer._tokens_run  # tokens of this session (a resumed run starts from the checkpoint's count)
     supervised = int(trainer._new_tokens) if trainer._new_tokens is not None else 0
     context = int(fed.squared_lengths) / real if real else 0.0
@@ -182,6 +195,8 @@ def throughput_report(trainer: Any, timer: Any, *, batching: str, dtype: str) ->
         "real_tokens": real,
         "token_slots": fed.slots,
         "padding_efficiency": round(real / fed.slots, 4) if fed.slots else None,
+        "largest_batch_tokens": int(fed.largest_tokens),
+        "largest_batch_token_slots": fed.largest_slots,
         "samples": fed.samples,
         "real_tokens_per_s": round(real / step_time, 2) if step_time else 0.0,
         "supervised_tokens_per_s": round(supervised / step_time, 2) if step_time else 0.0,
@@ -189,6 +204,8 @@ def throughput_report(trainer: Any, timer: Any, *, batching: str, dtype: str) ->
         "mean_attention_context": round(context, 1),
         "model_flops_per_token": round(per_token),
     }
+    if "compile_s" in timed:
+        values["compile_s"] = compile_s
     if step_time and real:
         achieved = per_token * real / step_time / 1e12
         measured = measured_peak_tflops(dtype)

@@ -29,10 +29,10 @@ from tunelab.data.template import build_template
 from tunelab.models.load import (
     add_new_tokens,
     check_attention,
+    choose_precision,
     load_model,
     load_tokenizer,
     match_vocabulary,
-    resolve_dtype,
     weight_dtype,
 )
 from tunelab.models.methods import (
@@ -52,9 +52,11 @@ from tunelab.train.callbacks import (
     StepTimerCallback,
 )
 from tunelab.train.checkpoint import resolve_resume
+from tunelab.train.compile import compile_layers, uncompile
 from tunelab.train.hybrid import train_hybrid
 from tunelab.train.loss import lean_loss_unsupported
 from tunelab.train.meter import TrainingCheckCallback, meter_summary
+from tunelab.train.preflight import check_train_machine
 
 
 @dataclass
@@ -74,8 +76,11 @@ def run_training(
     # Under torchrun/accelerate every rank runs this; only rank 0 may judge the output folder (another rank could
     # see files rank 0 has just written) and write the run's files.
     resume_from = resolve_resume(config.train, check_empty=main)
-    dtype = resolve_dtype(config.model.dtype)
+    precision = choose_precision(config.model.dtype, training=True)
+    dtype = precision.dtype
+    check_train_machine(config)
     check_attention(config.model.attn_implementation)
+    console.print(f"[bold]precision[/] {dtype}: {precision.reason}")
     check_method(config)
     out = config.train.output_path
     out.mkdir(parents=True, exist_ok=True)
@@ -96,6 +101,9 @@ def run_training(
     # Adapters (LoRA A, prompt embeddings, ...) draw their initial weights from the global RNG, and the Trainer seeds
     # it only once the model exists: without this, two runs of one config start from different adapters.
     set_seed(config.train.seed)
+    # ``auto`` is decided once (above, as config.yaml keeps it); loading, quantization and hybrid's second phase
+    # all read the decided precision from here on.
+    config = config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})})
     model = load_model(config.model, quantization=method_quantization(config.method, weight_dtype(config.model.dtype)))
     model = match_vocabulary(model, tokenizer, seed=config.train.seed)
     model = keep_trainable_fp32(apply_method(model, config.method, new_token_ids))
@@ -113,7 +121,7 @@ def run_training(
 
     metrics_path = out / "metrics.jsonl"
     signals = SignalCheckpointCallback()
-    timer = StepTimerCallback()
+    timer = StepTimerCallback(compiled=config.train.torch_compile)
     check = TrainingCheckCallback()
     make_trainer = partial(  # hybrid builds a second trainer, with the same arguments, for its LoRA phase
         build_stage_trainer,
@@ -127,8 +135,13 @@ def run_training(
         stop_on_nonfinite_loss=config.train.stop_on_nonfinite_loss,
         batching=batching,
         lean_loss=config.train.lean_loss and not lean_off,
+        activation_offload=config.train.activation_offload,
     )
     trainer = make_trainer(model=model)
+    compiled = compile_layers(model, config.train.torch_compile_backend) if config.train.torch_compile else []
+    if compiled:
+        console.print(f"torch.compile ({config.train.torch_compile_backend}): {len(compiled)} modules, compiled "
+                      "during the first steps")
     if resume_from is not None:
         console.print(f"resuming from {resume_from}")
     started = time.perf_counter()
@@ -139,9 +152,11 @@ def run_training(
     else:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
+    uncompile(compiled)
     restore_attention(model, batching.attention_before)
 
     summary = build_summary(trainer, wall, trainable, total, data.stats)
+    summary["precision"] = {"dtype": dtype, "reason": precision.reason}
     summary.update(timer.report())
     summary.update(method_summary)
     meter, meter_lines = meter_summary(trainer, timer, check, batching=batching.mode, dtype=dtype)
@@ -186,7 +201,8 @@ def describe_data(console: Console, splits: Any, data: Any, template_name: str) 
                   f"{len(splits.validation)}, test {len(splits.test)} records")
     for entry in splits.mix:
         console.print(f"  {entry['path']}: {entry['records']} records ({entry['format']}), {entry['rejected']} "
-                      f"rejected; weight {entry['weight']} -> {entry['train_used']} in training ({entry['share']:.1%})")
+                      f"rejected; weight {entry['weight']} -> {entry['train_used']} in training "
+                      f"({entry['share']:.1%}), {entry['sampling']}")
     for name, stat in data.stats.items():
         console.print(f"  {name}: {stat.describe()}")
 

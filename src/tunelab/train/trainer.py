@@ -1,5 +1,5 @@
-"""The one thin Trainer subclass: token accounting and a non-finite-loss guard; the stage supplies the loss
-(``loss_fn``; without one, the model's own)."""
+"""The one thin Trainer subclass: token accounting, a non-finite-loss guard and activation offloading; the stage
+supplies the loss (``loss_fn``; without one, the model's own)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd.graph import save_on_cpu
 from transformers import Trainer
 
 from tunelab.data.tokenize import IGNORE_INDEX
@@ -19,12 +20,15 @@ LossFn = Callable[[Any, dict[str, Any], Any], torch.Tensor]
 
 class TunelabTrainer(Trainer):
     def __init__(
-        self, *args: Any, stop_on_nonfinite_loss: bool = True, loss_fn: LossFn | None = None, **kwargs: Any
+        self, *args: Any, stop_on_nonfinite_loss: bool = True, loss_fn: LossFn | None = None,
+        activation_offload: bool = False, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
         self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
         self.loss_fn = loss_fn
         """The stage's loss ``(model, inputs, num_items_in_batch) -> loss``; ``None`` uses the model's own."""
+        self.activation_offload = activation_offload
+        """Keep the tensors autograd saves during the loss's forward in CPU memory (``train.activation_offload``)."""
         self.fed = FedBatches()
         self._restored_tokens = 0
         self._new_tokens: torch.Tensor | None = None
@@ -50,6 +54,16 @@ class TunelabTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
+        if not self.activation_offload:
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Only the forward needs the hooks: each saved tensor is copied to CPU when autograd saves it and copied back
+        # when the backward reads it. Under non-reentrant gradient checkpointing, checkpoint's own hooks apply inside
+        # each checkpointed layer, so only the layers' inputs are offloaded. Pinned memory needs CUDA (run.py
+        # refuses offloading without it; unpinned is for CPU tests).
+        with save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
         # No KV cache in training: it only costs memory, and transformers skips its packed-sequence detection
         # whenever a cache exists (flex_attention relies on that detection for flat rows).
         inputs = {**inputs, "use_cache": False}

@@ -1,0 +1,54 @@
+"""Where a tunelab training step spends its time: torch.profiler over a short run, top operators by GPU and CPU time.
+
+Builds a model of a real shape as ``gpu_mfu.py`` does (random bf16 weights, no network), runs ``tunelab train``
+for a few packed steps under the profiler and prints two tables: operators by self CUDA time and by self CPU time.
+Use it when a setting's MFU is far below its peers' (e.g. full fine-tuning vs LoRA at the same shape).
+
+    python bench/gpu_profile.py [--shape qwen2.5-1.5b] [--method full] [--steps 5] [--seq 4096] [--batch 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_mfu import SHAPES, build_model, train  # noqa: E402
+from gpu_sft import build_data  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
+    parser.add_argument("--method", default="full")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--extra", default="", help="more tunelab overrides, comma-separated")
+    parser.add_argument("--out", default="/tmp/gpu-profile")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = build_data(out / "data.jsonl", 200)
+    folder = out / f"model-{args.shape}"
+    if not (folder / "config.json").is_file():
+        build_model(folder, args.shape, args.seq)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        summary = train(folder, data, out / "run", args.method, args.seq, args.batch, args.steps,
+                        [item for item in args.extra.split(",") if item])
+    print(f"median step {summary.get('median_step_s')} s, {summary.get('real_tokens')} real tokens, "
+          f"steps {summary.get('steps')}")
+    averages = profiler.key_averages()
+    if torch.cuda.is_available():
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

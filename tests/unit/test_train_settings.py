@@ -1,0 +1,190 @@
+"""Machine-dependent training settings: precision under ``auto``, optimizers, activation offload, compile time."""
+
+import importlib.util
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.config.load import load_config
+from tunelab.config.schema import TrainConfig
+from tunelab.errors import ConfigError
+from tunelab.models import load as model_load
+from tunelab.models.load import Precision, choose_precision, cpu_flags, native_cpu_bf16
+from tunelab.train.callbacks import StepTimerCallback
+from tunelab.train.preflight import OPTIMIZER_NEEDS, optimizer_problem
+
+
+def _cpu(monkeypatch, feature: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(model_load, "native_cpu_bf16", lambda: feature)
+
+
+def _gpu(monkeypatch, name: str, bf16: bool, capability: tuple[int, int]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+
+
+def test_auto_precision_on_a_cpu_follows_native_bf16(monkeypatch):
+    _cpu(monkeypatch, "AMX")
+    choice = choose_precision("auto", training=True)
+    assert choice.dtype == "bf16" and "natively (AMX)" in choice.reason and "autocast" in choice.reason
+    assert choose_precision("auto").dtype == "fp32"  # evaluation and serving on a CPU stay fp32
+    _cpu(monkeypatch, "")
+    choice = choose_precision("auto", training=True)
+    assert choice == Precision("fp32", "auto: this CPU has no native bf16 (AMX or AVX512_BF16), so bf16 would be "
+                                       "emulated and slower than fp32")
+    assert choose_precision("bf16", training=True) == Precision("bf16", "set by model.dtype")
+    with pytest.raises(ConfigError, match="model.dtype: fp16 training needs a CUDA GPU"):
+        choose_precision("fp16", training=True)
+
+
+@pytest.mark.parametrize(("name", "bf16", "capability", "expected"), [
+    ("NVIDIA H100", True, (9, 0), "bf16"),
+    ("Tesla T4", False, (7, 5), "fp16"),
+    ("Tesla P100", False, (6, 0), "fp32"),
+])
+def test_auto_precision_on_a_gpu(monkeypatch, name, bf16, capability, expected):
+    _gpu(monkeypatch, name, bf16, capability)
+    for training in (True, False):
+        choice = choose_precision("auto", training=training)
+        assert choice.dtype == expected and name in choice.reason
+
+
+def test_native_cpu_bf16_reads_kernel_flags_without_torch_probes(monkeypatch, tmp_path: Path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\nprocessor\t: 1\n")
+    assert "avx512_bf16" in cpu_flags(cpuinfo) and cpu_flags(tmp_path / "missing") == set()
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.setattr(model_load, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert native_cpu_bf16() == "AVX512_BF16"
+    monkeypatch.setattr(model_load, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert native_cpu_bf16() == ""
+
+
+def test_optimizer_registry_matches_the_schema_and_transformers():
+    from transformers.training_args import OptimizerNames
+
+    choices = set(typing.get_args(TrainConfig.model_fields["optim"].annotation))
+    assert set(OPTIMIZER_NEEDS) == choices
+    assert choices <= {o.value for o in OptimizerNames}
+    assert TrainConfig().optim == "adamw_torch_fused"  # what transformers picks by default on torch >= 2.8
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")
+def test_bitsandbytes_optimizers_need_bitsandbytes():
+    message = optimizer_problem("paged_adamw_8bit")
+    assert message.startswith("train.optim: paged_adamw_8bit needs bitsandbytes, with a CUDA GPU or bitsandbytes' "
+                              "CPU backend (pip install 'tunelab[gpu]'); importing it failed (ModuleNotFoundError")
+    assert "Use train.optim=adamw_torch_fused" in message
+    assert optimizer_problem("adafactor") == "" and optimizer_problem("sgd") == ""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="activation offload is allowed on a GPU")
+def test_machine_checks_fail_before_the_model_loads(tmp_path: Path):
+    from tunelab.train.run import run_training
+
+    # The model path does not exist: reaching the loader would raise ModelError instead.
+    config = load_config(None, [f"model.name_or_path={tmp_path / 'no-model'}", f"train.output_dir={tmp_path / 'run'}",
+                                "train.optim=adamw_bnb_8bit", "train.activation_offload=true"])
+    with pytest.raises(ConfigError) as err:
+        run_training(config)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("train.optim: adamw_bnb_8bit needs bitsandbytes")
+    assert lines[1].startswith("train.activation_offload: needs a CUDA GPU (it moves saved activations from GPU "
+                               "memory to CPU memory) and there is none here")
+    assert "train.gradient_checkpointing=true" in lines[1]
+
+
+def test_compile_without_a_compiler_names_the_field_and_the_way_out(monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    from tunelab.train.preflight import compile_setting_problem
+
+    def no_compiler() -> str:
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    config = load_config(None, ["train.torch_compile=true"])
+    message = compile_setting_problem(config)
+    assert message.startswith("train.torch_compile: inductor on a CPU needs a C++ compiler (g++ or clang++ on PATH, "
+                              "or $CXX): RuntimeError: no working C++ compiler found")
+    assert "train.torch_compile_backend=aot_eager" in message
+    assert compile_setting_problem(load_config(None, ["train.torch_compile=true",
+                                                      "train.torch_compile_backend=aot_eager"])) == ""
+    assert "hybrid" in compile_setting_problem(load_config(None, ["train.torch_compile=true", "method.name=hybrid"]))
+
+
+def test_compile_time_is_the_warmup_excess_and_left_out_of_rates():
+    timer = StepTimerCallback(compiled=True)
+    timer.durations = [30.0, 12.0, 1.5, 1.0, 1.0, 1.2]
+    timer._tokens_start, timer._tokens_end, timer._tokens_at_warmup_end = 0, 600, 300
+    report = timer.report()
+    assert report["compile_s"] == pytest.approx(29.0 + 11.0 + 0.5)
+    assert report["tokens_per_s"] == pytest.approx(600 / (46.7 - 40.5), abs=0.01)
+    assert report["train_step_time_s"] == pytest.approx(46.7)
+    plain = StepTimerCallback()
+    plain.durations = list(timer.durations)
+    plain._tokens_start, plain._tokens_end = 0, 600
+    assert "compile_s" not in plain.report() and plain.report()["tokens_per_s"] == pytest.approx(600 / 46.7, abs=0.01)
+    short = StepTimerCallback(compiled=True)
+    short.durations, short._tokens_end = [30.0, 1.0], 100
+    assert short.report()["compile_s"] is None  # nothing after warm-up to compare with
+
+
+def test_activation_offload_moves_saved_tensors_and_keeps_the_gradients(tiny_model, tmp_path, monkeypatch):
+    from transformers import TrainingArguments
+
+    from tunelab.config.schema import ModelConfig
+    from tunelab.data.packing import FlatCollator
+    from tunelab.models.load import load_model
+    from tunelab.train import trainer as trainer_module
+    from tunelab.train.loss import supervised_lm_loss
+    from tunelab.train.trainer import TunelabTrainer
+
+    packed: list[torch.Size] = []
+
+    class CountingSaveOnCpu(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory: bool = False) -> None:
+            super().__init__(pin_memory=pin_memory)
+            pack = self.pack_hook
+
+            def counting(tensor: torch.Tensor):
+                packed.append(tensor.shape)
+                return pack(tensor)
+
+            self.pack_hook = counting
+
+    monkeypatch.setattr(trainer_module, "save_on_cpu", CountingSaveOnCpu)
+    model = load_model(ModelConfig(name_or_path=str(tiny_model), dtype="fp32"))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    generator = torch.Generator().manual_seed(0)
+    batch = FlatCollator()([{"input_ids": ids, "labels": ids} for ids in
+                            (torch.randint(0, 400, (n,), generator=generator).tolist() for n in (9, 14, 6))])
+
+    def loss_and_grads(offload: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        trainer = TunelabTrainer(model=model, args=args, loss_fn=supervised_lm_loss, activation_offload=offload)
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_loss, plain_grads = loss_and_grads(False)
+    assert packed == []
+    offload_loss, offload_grads = loss_and_grads(True)
+    assert len(packed) > 20  # every layer's saved activations went through the CPU
+    assert offload_loss == plain_loss
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(offload_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_optimizer_reaches_the_training_arguments(tmp_path: Path):
+    from tunelab.config.hf_args import training_arguments
+
+    config = load_config(None, [f"train.output_dir={tmp_path}", "train.optim=adafactor"])
+    assert training_arguments(config, dtype="fp32", has_validation=False).optim == "adafactor"
