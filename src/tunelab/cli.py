@@ -210,27 +210,39 @@ def _data_quality_commands(data_commands: argparse._SubParsersAction) -> None:
     report.add_argument("--template", help="prompt template for token counts (default: the config's or tokenizer's)")
     report.add_argument("--difficulty-samples", type=_positive_int, default=1000,
                         help="records scored for difficulty with --model (an even sample; default 1000)")
+    report.add_argument("--seed", type=int, default=0,
+                        help="seeds the topic clustering's sample of records and its k-means (default 0)")
     report.set_defaults(handler=cmd_data_report)
-    clean = data_commands.add_parser("clean", help="drop duplicates, conflicts and flagged records; write the rest")
-    clean.add_argument("files", nargs="+", metavar="FILE")
+    inputs = {"nargs": "+", "metavar": "CONFIG.yaml [key=value ...] | FILE ..."}
+    clean = data_commands.add_parser(
+        "clean", help="drop duplicates, conflicts and flagged records; write the rest",
+        description="Clean data files, or every dataset of a training config (in its declared format), into one "
+                    "JSONL file; every dropped row goes to OUT.rejects.jsonl with its reason.")
+    clean.add_argument("inputs", **inputs)
     clean.add_argument("-o", "--output", required=True, help="cleaned JSONL; dropped rows go to OUT.rejects.jsonl")
     clean.add_argument("--dedup", action="store_true", help="drop exact duplicates (the first is kept)")
     clean.add_argument("--near-dedup", action="store_true", help="drop near-duplicates (the first is kept)")
-    clean.add_argument("--drop-conflicts", action="store_true",
+    clean.add_argument("--drop-conflicts", dest="conflicts", action="store_const", const="drop", default="keep",
                        help="drop every record of a group with the same prompt and different answers")
+    clean.add_argument("--conflicts", dest="conflicts", choices=["keep", "drop", "majority"],
+                       help="conflict groups: keep them (default), drop them (= --drop-conflicts), or majority: keep "
+                            "the records with the most common answer, drop the rest (a tie drops the group)")
     clean.add_argument("--drop-flags", metavar="FLAG,...", help=f"drop records with these flags: {', '.join(FLAGS)}")
     clean.add_argument("--min-chars", type=_positive_int, help="drop records whose prompt + answer is shorter")
     clean.add_argument("--max-chars", type=_positive_int, help="drop records whose prompt + answer is longer")
     clean.add_argument("--near-dup-threshold", **threshold)
     clean.set_defaults(handler=cmd_data_clean)
-    split = data_commands.add_parser("split", help="train/validation/test files; near-duplicates on one side")
-    split.add_argument("file", metavar="FILE")
+    split = data_commands.add_parser(
+        "split", help="train/validation/test files; near-duplicates on one side",
+        description="Split data files, or every dataset of a training config (in its declared format), together. "
+                    "With a config, its data.val_size, data.test_size and data.seed are the defaults.")
+    split.add_argument("inputs", **inputs)
     split.add_argument("-o", "--output", required=True, help="folder for train.jsonl, validation.jsonl, test.jsonl")
-    split.add_argument("--val-size", type=_non_negative_float, default=0.05,
-                       help="fraction < 1 or count (default 0.05)")
-    split.add_argument("--test-size", type=_non_negative_float, default=0.1,
-                       help="fraction < 1 or count (default 0.1)")
-    split.add_argument("--seed", type=int, default=42)
+    split.add_argument("--val-size", type=_non_negative_float,
+                       help=f"fraction < 1 or count (default: the config's, else {SPLIT_DEFAULTS['val_size']})")
+    split.add_argument("--test-size", type=_non_negative_float,
+                       help=f"fraction < 1 or count (default: the config's, else {SPLIT_DEFAULTS['test_size']})")
+    split.add_argument("--seed", type=int, help=f"default: the config's, else {SPLIT_DEFAULTS['seed']}")
     split.add_argument("--near-dup-threshold", **threshold)
     split.set_defaults(handler=cmd_data_split)
 
@@ -248,7 +260,7 @@ def cmd_data_report(args: argparse.Namespace) -> int:
     stream, config = open_input(args.inputs)
     settings = ReportSettings(near_dup_threshold=args.near_dup_threshold, model=args.model,
                               cutoff_len=args.cutoff_len, template=args.template,
-                              difficulty_samples=args.difficulty_samples)
+                              difficulty_samples=args.difficulty_samples, seed=args.seed)
     report = build_report(stream, settings, config, log=lambda line: console.print(line))
     paths = write_report(report, Path(args.output))
     d = report["duplicates"]
@@ -260,21 +272,32 @@ def cmd_data_report(args: argparse.Namespace) -> int:
 
 def cmd_data_clean(args: argparse.Namespace) -> int:
     from tunelab.data.quality.clean import CleanOptions, clean_files, parse_flags, rejects_path
+    from tunelab.data.quality.stream import read_inputs
 
-    options = CleanOptions(dedup=args.dedup, near_dedup=args.near_dedup, drop_conflicts=args.drop_conflicts,
+    options = CleanOptions(dedup=args.dedup, near_dedup=args.near_dedup, conflicts=args.conflicts,
                            drop_flags=parse_flags(args.drop_flags), min_chars=args.min_chars,
                            max_chars=args.max_chars, near_dup_threshold=args.near_dup_threshold)
     out = Path(args.output)
-    result = clean_files(args.files, out, options)
+    sources, _ = read_inputs(args.inputs)
+    result = clean_files(sources, out, options)
     console.print(f"{result.describe()}; wrote {out} and {rejects_path(out)}")
     return 0
 
 
-def cmd_data_split(args: argparse.Namespace) -> int:
-    from tunelab.data.quality.splitting import split_file
+SPLIT_DEFAULTS = {"val_size": 0.05, "test_size": 0.1, "seed": 42}
+"""``data split`` on files; on a config its ``data`` section's values are the defaults."""
 
-    result = split_file(args.file, Path(args.output), args.val_size, args.test_size, args.seed,
-                        args.near_dup_threshold)
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from tunelab.data.quality.splitting import split_files
+    from tunelab.data.quality.stream import read_inputs
+
+    sources, config = read_inputs(args.inputs)
+    sizes = {name: getattr(args, name) if getattr(args, name) is not None
+             else getattr(config.data, name) if config is not None else default
+             for name, default in SPLIT_DEFAULTS.items()}
+    result = split_files(sources, Path(args.output), sizes["val_size"], sizes["test_size"], sizes["seed"],
+                         args.near_dup_threshold)
     console.print(f"{result.describe()}; wrote {args.output}")
     return 0
 
@@ -396,14 +419,21 @@ def _ship_commands(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve", help="OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health",
         description="Serves the base model and each --adapter (chosen by the request's model field) with one copy "
-                    "of the base weights. Needs pip install 'tunelab[serve]'.")
+                    "of the base weights. Concurrent requests for the same model are decoded together in one batch "
+                    "(continuous batching: a request joins the running batch at the next token, a finished or "
+                    "abandoned one leaves it at once); requests for different adapters take turns in arrival "
+                    "order. Needs pip install 'tunelab[serve]'.")
     _model_arguments(serve, adapter_help="NAME=PATH: serve this adapter as model NAME (repeatable)")
     serve.add_argument("--served-model-name", help="model id of the base (default: --model as given)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                                          "(default: $TUNELAB_API_KEY when set)")
-    serve.add_argument("--max-concurrency", type=_positive_int, default=4, help="generations at once (default 4)")
+    serve.add_argument("--max-concurrency", type=_positive_int, default=8,
+                       help="requests generating at once, in one batch or in threads (default 8)")
+    serve.add_argument("--max-batch-size", type=_positive_int, default=8,
+                       help="rows decoded together in one forward pass; a request with n choices takes n rows "
+                            "(default 8). 1: no batching, each request runs its own generate in a thread")
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests waiting for a slot before new ones get 429 (default 64)")
     serve.add_argument("--max-tokens-limit", type=_positive_int, default=2048,
