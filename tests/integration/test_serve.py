@@ -475,6 +475,35 @@ def test_vllm_engine_translates_the_command_line(tiny_model, calc_run, capsys):
         assert "vLLM is not installed" in capsys.readouterr().err
 
 
+def test_vllm_engine_hands_the_process_over_to_vllm(tiny_model, calc_run, tmp_path):
+    """End to end with a stand-in ``vllm`` package (the real one needs CUDA): `tunelab serve --engine vllm` replaces
+    its own process with vLLM's OpenAI server, passing the translated flags and a chat template file that exists."""
+    fake = tmp_path / "fake" / "vllm" / "entrypoints" / "openai"
+    fake.mkdir(parents=True)
+    for folder in (fake.parent.parent, fake.parent, fake):
+        (folder / "__init__.py").write_text("")
+    record = tmp_path / "argv.json"
+    (fake / "api_server.py").write_text(
+        "import json, sys\n"
+        "args = sys.argv[1:]\n"
+        "template = open(args[args.index('--chat-template') + 1], encoding='utf-8').read()\n"
+        f"open({str(record)!r}, 'w', encoding='utf-8').write(json.dumps({{'argv': args, 'template': template}}))\n")
+    launcher = ("import sys, torch; torch.cuda.is_available = lambda: True\n"  # vLLM's check, not its kernels
+                "from tunelab.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", launcher, "serve", "--model", str(tiny_model), "--adapter",
+                             f"calc={calc_run}", "--port", "8002", "--engine", "vllm", "--api-key", "sk-y"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shown = result.stdout + result.stderr
+    assert "handing over to vLLM" in shown and "sk-y" not in shown  # the key is masked
+    handed = json.loads(record.read_text("utf-8"))
+    flags = " ".join(handed["argv"])
+    for part in (f"--model {tiny_model}", "--port 8002", "--api-key sk-y", f"--lora-modules calc={calc_run}"):
+        assert part in flags, part
+    assert "<|im_start|>assistant" in handed["template"]
+
+
 def test_missing_serve_extra_names_the_install_command(tiny_model, monkeypatch, capsys):
     from tunelab.cli import main
     from tunelab.serve import server as serve_module

@@ -1,7 +1,8 @@
 """``tunelab serve --engine vllm``: the same command line, served by vLLM's OpenAI server.
 
-vLLM batches concurrent requests continuously on the GPU (PagedAttention), which tunelab's own engine does not;
-choose it on a CUDA machine when many clients call at once. tunelab's part is the translation: flags to vLLM's,
+tunelab's own engine batches continuously too, but pads its rows to a common length in a contiguous KV cache and
+runs eager PyTorch; vLLM pages the KV cache (PagedAttention), captures CUDA graphs and has fused kernels. Choose
+it on a CUDA machine for many concurrent clients or long contexts. tunelab's part is the translation: flags to vLLM's,
 adapters to ``--lora-modules``, and a run's tunelab template to a ``--chat-template`` file, so vLLM prompts the
 model exactly as it was trained.
 """
