@@ -74,7 +74,7 @@ def build_model(folder: Path, shape: str, max_positions: int) -> Path:
 
 
 def train(model: Path, data: Path, out: Path, method: str, seq: int, batch: int, steps: int,
-          extra: list[str]) -> dict:
+          extra: list[str], callbacks: list | None = None) -> dict:
     from tunelab.config.load import load_config
     from tunelab.train.run import run_training
 
@@ -88,7 +88,7 @@ def train(model: Path, data: Path, out: Path, method: str, seq: int, batch: int,
     ])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = run_training(config)
+    result = run_training(config, extra_callbacks=callbacks)
     summary = dict(result.summary)
     del result
     gc.collect()

@@ -39,9 +39,18 @@ def main() -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
-        summary = train(folder, data, out / "run", args.method, args.seq, args.batch, args.steps,
-                        [item for item in args.extra.split(",") if item])
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def on_step_end(self, *_: object, **__: object) -> None:
+            profiler.step()
+
+    # Only two optimizer steps are recorded (after two skipped and one warm-up step): a whole run's trace made
+    # the tables take minutes to print on the H200.
+    schedule = torch.profiler.schedule(wait=2, warmup=1, active=2, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+        summary = train(folder, data, out / "run", args.method, args.seq, args.batch, max(args.steps, 5),
+                        [item for item in args.extra.split(",") if item], callbacks=[StepProfiler()])
     print(f"median step {summary.get('median_step_s')} s, {summary.get('real_tokens')} real tokens, "
           f"steps {summary.get('steps')}")
     averages = profiler.key_averages()
