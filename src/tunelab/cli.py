@@ -157,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     console.print(f"[green]done[/]: {s['steps']} steps, loss {s['first_loss']} -> {s['final_loss']}, "
                   f"{s['tokens_per_s']} tokens/s; run folder {result.output_dir}")
     if config.eval.after_training:
-        evaluate_after_training(config, console)
+        evaluate_after_training(config, console, result.train_records)
     return 0
 
 

@@ -41,7 +41,9 @@ def probe_path() -> Path:
     return Path(str(resources.files("tunelab.resources").joinpath(PROBE_RESOURCE)))
 
 
-def evaluate_after_training(config: TunelabConfig, console: Console) -> dict[str, Any]:
+def evaluate_after_training(config: TunelabConfig, console: Console,
+                            train_records: list | None = None) -> dict[str, Any]:
+    """``train_records``: the run's training split when the caller has it (else it is read again from the data)."""
     from tunelab.evaluate.compare import compare_evals
 
     run_dir = config.train.output_path
@@ -54,7 +56,7 @@ def evaluate_after_training(config: TunelabConfig, console: Console) -> dict[str
     how = {"template": config.data.template, "custom_template": config.data.custom_template,
            "dtype": config.model.dtype, "trust_remote_code": config.model.trust_remote_code}
 
-    train_pool = _training_pool(config)
+    train_pool = train_records if train_records is not None else _training_pool(config)
     # Label answers are recognised from the training answers too: a test split alone is often too small to
     # show that "shoes" is one of six categories rather than free text.
     label_set = infer_label_set([r.answer or "" for r in (*train_pool, *records)])

@@ -271,11 +271,16 @@ def test_qlora_fine_tuned_column_loads_the_base_as_trained(tmp_path, monkeypatch
 def test_sweep_trains_each_combination_on_one_split_and_compares_them(
     tiny_model, arithmetic_file, tmp_path, monkeypatch, capsys
 ):
-    from tunelab import cli, sweep
+    from tunelab import cli, sweep, workflow
 
     # Each run's `tunelab train` runs in this process instead of a fresh one: the same command line, minus the
     # Python start-up a subprocess would cost the test.
     monkeypatch.setattr(sweep, "train_in_subprocess", cli.main)
+
+    def read_again(config):  # the few-shot pool comes from the run's own training split, not a second read
+        raise AssertionError("after-training evaluation read the data files again")
+
+    monkeypatch.setattr(workflow, "_training_pool", read_again)
     config = tmp_path / "sweep.yaml"
     config.write_text(
         f"model: {{name_or_path: '{tiny_model}', dtype: fp32}}\n"

@@ -74,7 +74,7 @@ def run_demo(workdir: Path, *, model: str | None = None, console: Console | None
         *training,
     ])
     result = run_training(config, console)
-    evaluate_after_training(config, console)
+    evaluate_after_training(config, console, result.train_records)
     print_table(console, result.output_dir / "eval")
     console.print(f"run folder: {result.output_dir}; report: {result.output_dir / 'eval' / 'report' / 'comparison.md'}")
     return 0

@@ -66,6 +66,8 @@ class RunResult:
     interrupted_by: int | None = None
     model: Any = None
     """The trained model object (with adapters attached for LoRA/DoRA), for callers that continue in-process."""
+    train_records: list[Any] | None = None
+    """The training split's records (the after-training evaluation draws its few-shot examples from them)."""
 
 
 def run_training(
@@ -174,7 +176,7 @@ def run_training(
     if main:
         plot_loss_curve(metrics_path, out / "loss_curve.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
-    return RunResult(out, summary, model=trainer.model)
+    return RunResult(out, summary, model=trainer.model, train_records=splits.train)
 
 
 def is_main_process() -> bool:
