@@ -18,17 +18,40 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, keep the log, show t
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit=$? in $((SECONDS - start)) s"
   grep -E "^RESULT|^\||Error|error:|Traceback" "$OUT/$name.log" | grep -v "^| *$" | tail -14
 }
-part methods 90 python3 bench/gpu_methods.py --shape qwen2.5-1.5b --methods lora,qlora,qlora8 --steps 10 \
-  --batch 8 --cutoff 1024 --samples 120 --out /tmp/methods
-cp /tmp/methods/methods.json "$OUT/" 2>/dev/null
-part sft 120 python3 bench/gpu_sft.py --shape qwen2.5-0.5b --methods lora --steps 15 --repeats 1 \
-  --batching padded,padding_free --cutoff 2048 --samples 300 --out /tmp/bench
-cp /tmp/bench/results.json "$OUT/sft.json" 2>/dev/null
-part mfu 220 python3 bench/gpu_mfu.py --runs qwen2.5-1.5b:full,llama3-8b:lora --seq 4096 --batch 2 --steps 10 \
-  --samples 500 --out /tmp/mfu
-cp /tmp/mfu/mfu.json "$OUT/" 2>/dev/null
+has() { [[ " ${PARTS:-methods sft mfu} " == *" $1 "* ]]; }  # PARTS picks the parts, in this order
+MFU="python3 bench/gpu_mfu.py --seq 4096 --batch 2 --steps ${MFU_STEPS:-10} --samples 500 --out /tmp/mfu"
+if has methods; then
+  part methods 90 python3 bench/gpu_methods.py --shape qwen2.5-1.5b --methods lora,qlora,qlora8 --steps 10 \
+    --batch 8 --cutoff 1024 --samples 120 --out /tmp/methods
+  cp /tmp/methods/methods.json "$OUT/" 2>/dev/null
+fi
+if has sft; then
+  part sft 120 python3 bench/gpu_sft.py --shape qwen2.5-0.5b --methods lora --steps 15 --repeats 1 \
+    --batching padded,padding_free --cutoff 2048 --samples 300 --out /tmp/bench
+  cp /tmp/bench/results.json "$OUT/sft.json" 2>/dev/null
+fi
+if has mfu; then
+  part mfu 220 $MFU --runs qwen2.5-1.5b:full,llama3-8b:lora
+  cp /tmp/mfu/mfu.json "$OUT/mfu.json" 2>/dev/null
+fi
+if has lora8b; then  # Llama-3-8B shape, LoRA: eager, then torch.compile (one process: compile is undone after a run)
+  part lora8b 170 $MFU --runs llama3-8b:lora,llama3-8b:lora+train.torch_compile=true
+  cp /tmp/mfu/mfu.json "$OUT/mfu-lora8b.json" 2>/dev/null
+fi
+if has liger; then  # its own process: liger-kernel patches the modeling modules for the whole process
+  part liger 170 $MFU --runs "${LIGER_RUNS:-llama3-8b:lora+train.liger_kernel=true,llama3-8b:lora+train.liger_kernel=true+train.torch_compile=true,qwen2.5-3b:full+train.liger_kernel=true+train.torch_compile=true}"
+  cp /tmp/mfu/mfu.json "$OUT/mfu-liger.json" 2>/dev/null
+fi
+if has full; then  # full fine-tuning of the 1.5B and 3B shapes
+  part full 120 $MFU --runs qwen2.5-1.5b:full,qwen2.5-3b:full+train.torch_compile=true
+  cp /tmp/mfu/mfu.json "$OUT/mfu-full.json" 2>/dev/null
+fi
+if has profile; then  # where a step's time goes (2 recorded steps)
+  part profile 90 python3 bench/gpu_profile.py --shape "${PROFILE_SHAPE:-llama3-8b}" --method "${PROFILE_METHOD:-lora}" \
+    --extra "${PROFILE_EXTRA:-}" --out /tmp/mfu
+  grep -v "^RESULT" "$OUT/profile.log" | grep -E "^-|^Name|^ |Self|median" | head -60
+fi
 if [ -n "${SPEED_EXTRA:-}" ]; then  # the speed options (torch.compile, 8-bit optimizer, offload) on the 1.5B model
-  part options 130 python3 bench/gpu_mfu.py --runs "$SPEED_EXTRA" --seq 4096 --batch 2 --steps 8 --samples 500 \
-    --out /tmp/mfu
+  part options 130 $MFU --runs "$SPEED_EXTRA"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -121,7 +121,7 @@ def main() -> None:
     data = build_data(out / "data.jsonl", args.samples)
     extra = [item for item in args.extra.split(",") if item]
     rows = []
-    for spec in args.runs.split(","):
+    for index, spec in enumerate(args.runs.split(",")):
         shape, _, rest = spec.partition(":")
         method, *own = rest.split("+")
         folder = out / f"model-{shape}"
@@ -130,8 +130,8 @@ def main() -> None:
             if not (folder / "config.json").is_file():
                 build_model(folder, shape, args.seq)
             built = time.perf_counter() - started
-            summary = train(folder, data, out / f"run-{shape}-{method}", method, args.seq, args.batch, args.steps,
-                            [*extra, *own])
+            run_dir = out / f"run-{index}-{shape}-{method}"
+            summary = train(folder, data, run_dir, method, args.seq, args.batch, args.steps, [*extra, *own])
         except Exception as exc:  # one failing setting must not hide the others' numbers
             rows.append({"run": spec, "error": f"{type(exc).__name__}: {exc}"[:400]})
             print("RESULT", json.dumps(rows[-1]), flush=True)
@@ -161,7 +161,7 @@ def main() -> None:
             "first_loss": summary.get("first_loss"), "final_loss": summary.get("final_loss"),
         })
         print("RESULT", json.dumps(rows[-1]), flush=True)
-        shutil.rmtree(out / f"run-{shape}-{method}", ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (dry run)"
     (out / "mfu.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows},
                                              indent=2), "utf-8")

@@ -1,5 +1,6 @@
 """Machine-dependent training settings: precision under ``auto``, optimizers, activation offload, compile time."""
 
+import importlib.machinery
 import importlib.util
 import typing
 from pathlib import Path
@@ -183,8 +184,110 @@ def test_activation_offload_moves_saved_tensors_and_keeps_the_gradients(tiny_mod
         torch.testing.assert_close(offload_grads[name], grad, rtol=0, atol=0, msg=name)
 
 
+def test_lean_loss_runs_under_the_mixed_precision_autocast(tiny_model, tmp_path):
+    """accelerate applies bf16 autocast by wrapping model.forward, which the lean loss bypasses: with fp32 master
+    weights (full fine-tuning) every matmul ran in fp32 until the trainer entered the autocast itself."""
+    from transformers import TrainingArguments
+
+    from tunelab.config.schema import ModelConfig
+    from tunelab.data.packing import FlatCollator
+    from tunelab.models.load import load_model
+    from tunelab.train.loss import supervised_lm_loss
+    from tunelab.train.trainer import TunelabTrainer
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_model), dtype="fp32"))
+    seen: list[torch.dtype] = []
+    layer = model.model.layers[0]
+    for module in (layer.self_attn.q_proj, layer.mlp.down_proj):
+        module.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
+    batch = FlatCollator()([{"input_ids": ids, "labels": ids} for ids in ([5, 9, 14, 30, 7], [8, 3, 2])])
+    for bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        seen.clear()
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=bf16)
+        trainer = TunelabTrainer(model=model, args=args, loss_fn=supervised_lm_loss)
+        loss = trainer.compute_loss(model, dict(batch))
+        assert seen == [expected, expected]
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
 def test_optimizer_reaches_the_training_arguments(tmp_path: Path):
     from tunelab.config.hf_args import training_arguments
 
     config = load_config(None, [f"train.output_dir={tmp_path}", "train.optim=adafactor"])
     assert training_arguments(config, dtype="fp32", has_validation=False).optim == "adafactor"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Liger's kernels run on this GPU")
+def test_liger_kernel_on_a_cpu_fails_before_the_model_loads(tmp_path: Path):
+    from tunelab.train.run import run_training
+
+    config = load_config(None, [f"model.name_or_path={tmp_path / 'no-model'}", f"train.output_dir={tmp_path / 'run'}",
+                                "train.liger_kernel=true"])
+    with pytest.raises(ConfigError) as err:
+        run_training(config)
+    assert str(err.value).startswith("train.liger_kernel: Liger's kernels are written in Triton and need a CUDA GPU; "
+                                     "there is none here. Set train.liger_kernel=false")
+
+
+def _fake_liger(monkeypatch, calls: list) -> None:
+    """A stand-in liger_kernel package with the two names tunelab uses, on a machine that claims a GPU."""
+    import sys
+    import types
+
+    patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "qwen2": None}
+    patch._apply_liger_kernel_to_instance = lambda **kwargs: calls.append(kwargs)
+    package = types.ModuleType("liger_kernel")
+    package.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None)
+    for name, module in (("liger_kernel", package), ("liger_kernel.transformers", types.ModuleType("t")),
+                         ("liger_kernel.transformers.monkey_patch", patch)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def test_liger_kernel_patches_norms_mlp_and_rope_but_leaves_the_loss_to_lean_loss(monkeypatch, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.liger import apply_liger_kernels
+
+    calls: list = []
+    _fake_liger(monkeypatch, calls)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    line = apply_liger_kernels(model)
+    assert calls == [{"model": model, "rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                      "fused_linear_cross_entropy": False}]
+    assert line == f"liger-kernel: fused RMSNorm, SwiGLU and RoPE kernels in this {model.config.model_type} model"
+
+
+def test_liger_kernel_names_the_model_types_it_supports(monkeypatch, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.liger import apply_liger_kernels
+
+    calls: list = []
+    _fake_liger(monkeypatch, calls)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.config.model_type = "gpt2"
+    with pytest.raises(ConfigError, match=r"train.liger_kernel: liger-kernel has no kernels for model type 'gpt2' "
+                                          r"\(it has: llama, qwen2\); set train.liger_kernel=false"):
+        apply_liger_kernels(model)
+    assert calls == []
+
+
+def test_liger_kernel_without_the_package_says_how_to_install(monkeypatch):
+    from tunelab.models.liger import liger_problem
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert liger_problem() == ("train.liger_kernel: liger-kernel is not installed (pip install 'tunelab[gpu]' or "
+                               "liger-kernel)")
+
+
+def test_liger_kernel_with_torch_compile_is_refused_with_the_measured_reason():
+    from tunelab.train.preflight import liger_setting_problem
+
+    config = load_config(None, ["train.liger_kernel=true", "train.torch_compile=true"])
+    message = liger_setting_problem(config.train)
+    assert message.startswith("train.liger_kernel: cannot be combined with train.torch_compile")
+    assert liger_setting_problem(load_config(None, ["train.torch_compile=true"]).train) == ""

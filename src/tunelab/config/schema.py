@@ -272,6 +272,12 @@ class TrainConfig(Section):
     """Compile each decoder layer with ``torch.compile`` (one compiled graph serves every layer; the padding-free
     attention stays eager). The first steps are slower while it compiles: summary.json reports that time as
     ``compile_s`` and leaves it out of tokens/s. Inductor on a CPU needs a C++ compiler."""
+    liger_kernel: bool = False
+    """Liger-kernel's fused Triton kernels for RMSNorm, SwiGLU and RoPE (the LM head and loss are the lean loss's,
+    which uses Liger's fused linear cross-entropy on CUDA whenever it is installed): shorter steps and less
+    activation memory, the same results to rounding. Needs a CUDA GPU and ``pip install 'tunelab[gpu]'``; Llama,
+    Qwen2/3, Mistral, Gemma, GLM-4 and the other model types liger-kernel lists. Not together with
+    ``torch_compile`` (dynamo does not trace Liger's kernels); compile alone was faster on an H200."""
     torch_compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     """``inductor`` generates fused kernels (the speed-up); ``aot_eager`` traces the forward and backward graphs and
     runs them eagerly: no speed-up and no compiler needed, for checking that a model compiles."""

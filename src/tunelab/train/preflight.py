@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from tunelab.config.schema import TunelabConfig
+from tunelab.config.schema import TrainConfig, TunelabConfig
 from tunelab.errors import ConfigError
 
 Needs = Literal["torch", "bitsandbytes", "bitsandbytes+cuda"]
@@ -42,7 +42,7 @@ OPTIMIZER_NEEDS: dict[str, Needs] = {
 def check_train_machine(config: TunelabConfig) -> None:
     """Raise one ConfigError naming every ``train`` field this machine cannot honour."""
     problems = [p for p in (optimizer_problem(config.train.optim), offload_problem(config.train.activation_offload),
-                            compile_setting_problem(config)) if p]
+                            compile_setting_problem(config), liger_setting_problem(config.train)) if p]
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -85,3 +85,18 @@ def compile_setting_problem(config: TunelabConfig) -> str:
         return (f"train.torch_compile: {problem}. Set train.torch_compile=false, or train.torch_compile_backend="
                 "aot_eager to check compilation without a compiler (no speed-up)")
     return ""
+
+
+def liger_setting_problem(train: TrainConfig) -> str:
+    from tunelab.models.liger import liger_problem
+
+    if not train.liger_kernel:
+        return ""
+    if train.torch_compile:
+        # Measured on an H200 (bench/RESULTS.md, GPU pass 3): dynamo cannot trace Liger's Triton kernels (thousands
+        # of warnings, a 3B full fine-tuning run failed in its RMSNorm), and where it ran it was slower than
+        # torch.compile alone (38.0% vs 40.6% MFU, Llama-3-8B shape, LoRA).
+        return ("train.liger_kernel: cannot be combined with train.torch_compile (torch.compile does not trace "
+                "Liger's Triton kernels). Use one: train.torch_compile=true fuses the same steps and was faster on an "
+                "H200 (40.6% vs 32.2% MFU, Llama-3-8B LoRA); train.liger_kernel=true needs no compile time")
+    return liger_problem()

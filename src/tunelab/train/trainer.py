@@ -71,7 +71,12 @@ class TunelabTrainer(Trainer):
         # calling the decoder body directly: gradients would not be synchronised.
         if self.loss_fn is None or "labels" not in inputs or model is not self.model:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = self.loss_fn(model, inputs, num_items_in_batch)
+        # transformers leaves mixed precision to accelerate, which wraps ``model.forward`` in autocast. The stage's
+        # loss calls the decoder body and the head directly, so it enters the same autocast itself: without it a bf16
+        # run with fp32 master weights (full fine-tuning) did every matmul in fp32 (4.6% MFU on an H200), and LoRA's
+        # fp32 adapters cast each layer's input to fp32.
+        with self.accelerator.autocast():
+            loss = self.loss_fn(model, inputs, num_items_in_batch)
         # As in Trainer.compute_loss: with the token count summed over all processes, scale back up.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
