@@ -153,7 +153,7 @@ def test_generation_path_is_used_by_evaluation(tiny_model, tmp_path, monkeypatch
     assert len(answers) == 2 and calls
 
 
-def test_new_tokens_train_only_their_rows_with_lora_and_reload(tiny_model, arithmetic_file, tmp_path):
+def test_new_tokens_train_only_their_rows_with_lora_and_reload(tiny_model, tokenizer, arithmetic_file, tmp_path):
     rows = [{"instruction": f"<calc>{r['instruction']}</calc>", "output": f"<num>{r['output']}"}
             for r in arithmetic_rows(64)]
     data = write_jsonl(tmp_path / "tagged.jsonl", rows)
@@ -163,7 +163,7 @@ def test_new_tokens_train_only_their_rows_with_lora_and_reload(tiny_model, arith
     run = result.output_dir
     loaded = load_for_eval(str(tiny_model), str(run))
     new_ids = loaded.tokenizer.convert_tokens_to_ids(["<calc>", "</calc>", "<num>"])
-    assert loaded.tokenizer.encode("<calc>1</calc>")[0] == new_ids[0] and min(new_ids) >= 479
+    assert loaded.tokenizer.encode("<calc>1</calc>")[0] == new_ids[0] and min(new_ids) >= len(tokenizer)
     deltas = {n: p for n, p in result.model.named_parameters() if "trainable_tokens_delta" in n}
     assert deltas and all(p.requires_grad and p.shape[0] == 3 and p.abs().sum() > 0 for p in deltas.values())
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}

@@ -29,7 +29,8 @@ CUTOFF = 96
 def mixed_rows(n: int, seed: int = 0) -> list[dict]:
     """1-3 exchanges of repeated zh/en shop sentences: 24-96 tokens, some cut (history, prompt and answer)."""
     rng = random.Random(seed)
-    rows = [{"messages": [{"role": "user", "content": ZH_EN[2]}, {"role": "assistant", "content": ZH_EN[0] * 20}]}]
+    # an answer alone longer than the cutoff (about 120 tokens), so that one record has its answer cut
+    rows = [{"messages": [{"role": "user", "content": ZH_EN[2]}, {"role": "assistant", "content": ZH_EN[0] * 40}]}]
     while len(rows) < n:
         turns = []
         for _ in range(rng.choice([1, 1, 2, 3])):

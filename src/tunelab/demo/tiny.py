@@ -11,10 +11,28 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2's pre-tokenizer (its tokenizer.json; also ``PRETOKENIZE_REGEX`` in transformers' tokenization_qwen2.py): digits
+# one by one, letters with at most one leading non-letter. transformers 5 loads every folder whose config.json says
+# qwen2 as ``Qwen2Tokenizer``, whatever tokenizer_class tokenizer_config.json names (qwen2 is in
+# MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), and that class rebuilds normalizer, pre-tokenizer and decoder itself,
+# taking only vocab and merges from tokenizer.json. A tokenizer trained with any other pre-tokenizer would not be the
+# one that loads back, so the tiny tokenizer is trained with exactly this pipeline (for Llama too, whose folder loads
+# as TokenizersBackend and keeps tokenizer.json as is). tests/unit/test_tiny_tokenizer.py checks the round trip.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 CHATML_JINJA = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -26,10 +44,14 @@ CHATML_JINJA = (
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int = 2000, chat_template: bool = True
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (Chinese and English) with ChatML markers; deterministic for the same texts."""
+    """A byte-level BPE tokenizer (Chinese and English) with ChatML markers and Qwen2's pre-tokenizer, so that it
+    loads back unchanged through ``AutoTokenizer``; deterministic for the same texts."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -60,7 +82,7 @@ def build_tiny_model(
     intermediate_size: int | None = None,
     max_positions: int = 2048,
     seed: int = 0,
-) -> torch.nn.Module:
+) -> PreTrainedModel:
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

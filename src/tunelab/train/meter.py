@@ -8,11 +8,16 @@ those for the frozen base), plus ``12·layers·hidden·s`` for attention, where 
 each token actually attends over (per sample, as padding-free batches compute it). MFU divides the FLOPs of the
 real (non-pad) tokens by a peak: the device's stated dense peak when tunelab knows the device, and always a matmul
 peak measured here once per process (a few hundred milliseconds).
+
+On CPU, wall-clock rates say as much about the other processes on the machine as about the run (on a shared machine
+the same run varies several-fold), so the meter also reads this process's CPU time over the same steps and reports
+MFU per CPU-second next to the wall-clock figures (see ``cpu_time_mfu``).
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +66,12 @@ class FedBatches:
 
 
 class TrainingCheckCallback(TrainerCallback):
-    """Remembers the norms of a few trainable tensors at the start, to tell at the end whether they moved."""
+    """Remembers the norms of a few trainable tensors at the start, to tell at the end whether they moved; and the
+    process CPU time of each optimizer step (``cpu_durations``, all threads, ``time.process_time``).
+
+    The CPU clock lives here because this is the meter's own callback: run.py registers it right after
+    ``StepTimerCallback``, so its step begin and end come straight after the step timer's and bracket the same steps.
+    """
 
     SAMPLE = 16
 
@@ -69,6 +79,14 @@ class TrainingCheckCallback(TrainerCallback):
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
         self._tensors: dict[str, torch.Tensor] = {}
+        self.cpu_durations: list[float] = []
+        self._cpu_start = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._cpu_start = time.process_time()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.cpu_durations.append(time.process_time() - self._cpu_start)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if model is not None else []
@@ -134,24 +152,67 @@ def stated_peak_tflops(dtype: str) -> tuple[str, float] | None:
     return None
 
 
+@dataclass(frozen=True)
+class MatmulPeak:
+    """Best square-matmul rates in one dtype: TFLOP per wall-clock second, and TFLOP per second of this process's
+    CPU time (all threads; only meaningful on CPU), measured with ``threads`` intra-op threads."""
+
+    tflops: float
+    tflop_per_cpu_s: float
+    threads: int
+
+
 @functools.cache
-def measured_peak_tflops(dtype: str) -> float:
-    """Best achieved TFLOP/s of square matmuls in ``dtype`` on the training device, measured once."""
+def measured_peak(dtype: str, threads: int) -> MatmulPeak:
+    """Best achieved rates of square matmuls in ``dtype`` on the training device, measured once per thread count.
+
+    ``threads`` must be ``torch.get_num_threads()`` now, the count training ran with; it keys the cache, so a run
+    that changed it measures again rather than comparing against a peak of other threads.
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
     n = 4096 if device == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=torch_dtype)
     b = torch.randn(n, n, device=device, dtype=torch_dtype)
-    best = float("inf")
+    best_wall = best_cpu = float("inf")
     for _ in range(6 if device == "cpu" else 20):
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         a @ b
         if device == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e12
+        best_wall = min(best_wall, time.perf_counter() - start)
+        best_cpu = min(best_cpu, time.process_time() - start_cpu)
+    flops = 2 * n**3
+    return MatmulPeak(flops / best_wall / 1e12, flops / max(best_cpu, 1e-9) / 1e12, threads)
+
+
+def step_cpu_seconds(cpu_durations: list[float], timed: dict[str, Any], warmup_steps: int) -> float:
+    """CPU seconds of the timed steps, with the compile share taken out as ``StepTimerCallback`` takes it out of
+    wall time: what the warm-up steps used above the median later step."""
+    total = sum(cpu_durations)
+    if timed.get("compile_s") is None or len(cpu_durations) <= warmup_steps:
+        return total
+    median = statistics.median(cpu_durations[warmup_steps:])
+    return total - sum(max(0.0, c - median) for c in cpu_durations[:warmup_steps])
+
+
+def cpu_time_mfu(flops: float, cpu_seconds: float, peak: MatmulPeak) -> dict[str, Any]:
+    """MFU per CPU-second: the run's FLOPs per second of its own CPU time over the matmul's FLOPs per second of its
+    own CPU time, both with ``peak.threads`` threads.
+
+    Time other processes hold the cores is in neither figure. Both sides are per CPU-second *at the same thread
+    count*: a single-thread peak would charge the run for threading overheads (spinning, synchronisation) that the
+    peak never paid, and ``FLOPs / (CPU s / threads)`` against the wall-clock peak assumes every thread is busy the
+    whole step and takes the peak from a wall clock that the same load slows down. On an idle machine, where the
+    matmul's CPU time is threads × its wall time, this equals that second form.
+    """
+    achieved = flops / cpu_seconds / 1e12
+    return {"step_cpu_s": round(cpu_seconds, 3), "cpu_threads": peak.threads,
+            "achieved_tflop_per_cpu_s": round(achieved, 5),
+            "measured_peak_tflop_per_cpu_s": round(peak.tflop_per_cpu_s, 4),
+            "mfu_measured_peak_cpu_time": round(achieved / peak.tflop_per_cpu_s, 4)}
 
 
 @dataclass
@@ -174,13 +235,22 @@ class Throughput:
         if v.get("mfu_measured_peak") is not None:
             stated = (f", {v['mfu_stated_peak']:.1%} of {v['stated_peak_tflops']:.0f} TFLOP/s {v['stated_peak']}"
                       if v.get("mfu_stated_peak") is not None else "")
+            clock = " by wall time" if "mfu_measured_peak_cpu_time" in v else ""
             out.append(f"MFU: {v['model_flops_per_token'] / 1e6:,.1f} MFLOP per token; {v['mfu_measured_peak']:.1%} "
-                       f"of the measured matmul peak ({v['measured_peak_tflops']:.2f} TFLOP/s){stated}")
+                       f"of the measured matmul peak ({v['measured_peak_tflops']:.2f} TFLOP/s){clock}{stated}")
+        if "mfu_measured_peak_cpu_time" in v:
+            out.append(f"MFU by CPU time: {v['mfu_measured_peak_cpu_time']:.1%} of the matmul peak per CPU-second "
+                       f"({v['achieved_tflop_per_cpu_s']:.3f} of {v['measured_peak_tflop_per_cpu_s']:.3f} TFLOP per "
+                       f"CPU-second, {v['cpu_threads']} threads; {v['step_cpu_s']:.1f} CPU-s over the steps): "
+                       "other processes' load does not count here")
         return out
 
 
-def throughput_report(trainer: Any, timer: Any, *, batching: str, dtype: str) -> Throughput:
-    """Rates over step time, padding efficiency of what was fed, FLOPs per token and MFU."""
+def throughput_report(
+    trainer: Any, timer: Any, *, batching: str, dtype: str, cpu_durations: list[float] | None = None
+) -> Throughput:
+    """Rates over step time, padding efficiency of what was fed, FLOPs per token and MFU; on CPU, given the steps'
+    CPU times, MFU per CPU-second as well."""
     fed: FedBatches = trainer.fed
     timed = timer.report()
     # Compile time (train.torch_compile) is reported on its own and left out of every rate.
@@ -208,9 +278,12 @@ def throughput_report(trainer: Any, timer: Any, *, batching: str, dtype: str) ->
         values["compile_s"] = compile_s
     if step_time and real:
         achieved = per_token * real / step_time / 1e12
-        measured = measured_peak_tflops(dtype)
-        values.update(achieved_tflops=round(achieved, 4), measured_peak_tflops=round(measured, 3),
-                      mfu_measured_peak=round(achieved / measured, 4))
+        peak = measured_peak(dtype, torch.get_num_threads())
+        values.update(achieved_tflops=round(achieved, 4), measured_peak_tflops=round(peak.tflops, 3),
+                      mfu_measured_peak=round(achieved / peak.tflops, 4))
+        cpu_seconds = step_cpu_seconds(cpu_durations, timed, timer.WARMUP_STEPS) if cpu_durations else 0.0
+        if cpu_seconds > 0 and not torch.cuda.is_available():  # on CUDA the GPU's time is what counts
+            values.update(cpu_time_mfu(per_token * real, cpu_seconds, peak))
         stated = stated_peak_tflops(dtype)
         if stated is not None:
             values.update(stated_peak=stated[0], stated_peak_tflops=stated[1],
@@ -223,7 +296,7 @@ def meter_summary(
 ) -> tuple[dict[str, Any], list[str]]:
     """summary.json additions and the end-of-run lines: throughput, MFU, and the "did it train" check (a warning
     line for each check that failed)."""
-    throughput = throughput_report(trainer, timer, batching=batching, dtype=dtype)
+    throughput = throughput_report(trainer, timer, batching=batching, dtype=dtype, cpu_durations=check.cpu_durations)
     checks = check.report(trainer.state.log_history)
     lines = throughput.lines()
     failed = {

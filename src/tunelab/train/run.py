@@ -135,7 +135,7 @@ def run_training(
         build_stage_trainer,
         STAGES[config.train.stage],
         tokenizer=tokenizer,
-        args=training_arguments(config, dtype=dtype, has_validation=bool(data.validation), batching=batching.mode),
+        args=training_arguments(config, dtype=dtype, has_validation=bool(eval_features), batching=batching.mode),
         train_dataset=train_features,
         eval_dataset=eval_features,
         callbacks=[MetricsFileCallback(metrics_path), ProgressBarCallback(), signals, timer, check,
@@ -193,7 +193,12 @@ def training_features(examples: list[Any]) -> list[dict[str, Any]]:
     (34 MB on the peer bench's 2,000 samples; a dataset of 10M tokens would hold 720 MB as lists). The collators
     read features as sequences (``list(feature["input_ids"])``), so every batch is the same.
     """
-    return [{"input_ids": array("i", e.input_ids), "labels": array("i", e.labels)} for e in examples]
+    return [{"input_ids": _int32(e.input_ids), "labels": _int32(e.labels)} for e in examples]
+
+
+def _int32(values: Any) -> array:
+    """``values`` as ``array("i")``; the tokenization cache already reads examples as such arrays (not copied)."""
+    return values if isinstance(values, array) and values.typecode == "i" else array("i", values)
 
 
 def is_main_process() -> bool:
