@@ -35,7 +35,7 @@ def prepare(model, data, cache_dir, *extra):
 
 
 def as_plain(data):
-    return {name: [(e.input_ids, e.labels, e.source, e.truncation) for e in getattr(data, name)]
+    return {name: [(list(e.input_ids), list(e.labels), e.source, e.truncation) for e in getattr(data, name)]
             for name in ("train", "validation")}, {k: v.to_dict() for k, v in data.stats.items()}
 
 

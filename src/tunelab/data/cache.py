@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,13 @@ def read_entry(entry: Path) -> TokenizedData:
     for name in SPLITS:
         with np.load(entry / f"{name}.npz", allow_pickle=False) as arrays:
             ids, labels, offsets = arrays["input_ids"], arrays["labels"], arrays["offsets"].tolist()
+        # 4-byte arrays, not lists: a listed token costs 36 bytes (slot and int object), and the ints of a whole
+        # dataset, once made, stay in Python's allocator after training drops them (see run.training_features).
+        # Consumers read them as sequences of ints.
         out[name] = [
-            Example(input_ids=ids[a:b].tolist(), labels=labels[a:b].tolist(), source=source, truncation=cut)
+            Example(input_ids=array("i", ids[a:b].tobytes()),  # type: ignore[arg-type]
+                    labels=array("i", labels[a:b].tobytes()),  # type: ignore[arg-type]
+                    source=source, truncation=cut)
             for a, b, source, cut in zip(offsets[:-1], offsets[1:], meta["sources"][name], meta["truncation"][name],
                                          strict=True)
         ]

@@ -163,7 +163,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             logits = F.linear(piece, weight, bias).float()
             log_z = torch.logsumexp(logits, dim=-1)
             total += (log_z - logits.gather(1, wanted[:, None]).squeeze(1)).sum()
-            grad = torch.exp(logits.sub_(log_z[:, None]))  # softmax, in place of the logits
+            # The softmax in the logits' own memory, and nothing of this chunk left when the next one's logits are
+            # made: ``torch.exp`` kept a second chunk of logits (128 MiB at CHUNK_LOGITS) beside them, and the names
+            # kept both alive into the next chunk. Same kernels, same values.
+            grad = logits.sub_(log_z[:, None]).exp_()
+            del logits
             grad[torch.arange(end - start, device=grad.device), wanted] -= 1.0
             grad = grad.to(hidden.dtype)
             if grad_hidden is not None:
@@ -172,6 +176,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 grad_weight += (grad.t() @ piece).float()
             if grad_bias is not None:
                 grad_bias += grad.float().sum(0)
+            del grad
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         return total
