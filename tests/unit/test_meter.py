@@ -7,28 +7,35 @@ import time
 import torch
 
 from tunelab.train import meter
-from tunelab.train.meter import FedBatches, MatmulPeak, TrainingCheckCallback, meter_summary, step_cpu_seconds
+from tunelab.train.callbacks import StepTimerCallback
+from tunelab.train.meter import FedBatches, MatmulPeak, TrainingCheckCallback, meter_summary
 
 
 def test_step_clock_reads_process_cpu_time_not_wall_time():
-    check = TrainingCheckCallback()
-    check.on_step_begin(None, None, None)
+    timer = StepTimerCallback()
+    state = type("State", (), {"num_input_tokens_seen": 0})()
+    timer.on_step_begin(None, state, None)
     time.sleep(0.3)  # wall time passes, this process uses no CPU
-    check.on_step_end(None, None, None)
-    check.on_step_begin(None, None, None)
+    timer.on_step_end(None, state, None)
+    timer.on_step_begin(None, state, None)
     start = time.process_time()
     while time.process_time() - start < 0.1:  # CPU work
         pass
-    check.on_step_end(None, None, None)
-    assert check.cpu_durations[0] < 0.1 and check.cpu_durations[1] >= 0.1
+    timer.on_step_end(None, state, None)
+    assert timer.cpu_durations[0] < 0.1 and timer.cpu_durations[1] >= 0.1
 
 
 def test_compile_share_leaves_cpu_time_as_it_leaves_wall_time():
     # warm-up steps used 3, 3 and 1 CPU-s against a median later step of 1: 4 CPU-s of compiling
     durations = [3.0, 3.0, 1.0, 1.0, 1.2, 0.8]
-    assert step_cpu_seconds(durations, {"compile_s": 2.5}, 3) == sum(durations) - 4.0
-    assert step_cpu_seconds(durations, {"compile_s": None}, 3) == sum(durations)  # too few steps: rates include it
-    assert step_cpu_seconds(durations, {}, 3) == sum(durations)  # not compiled
+    compiled = StepTimerCallback(compiled=True)
+    compiled.cpu_durations = durations
+    assert compiled.timed_cpu_seconds() == sum(durations) - 4.0
+    compiled.cpu_durations = durations[:3]
+    assert compiled.timed_cpu_seconds() == sum(durations[:3])  # too few steps: rates include it
+    plain = StepTimerCallback(compiled=False)
+    plain.cpu_durations = durations
+    assert plain.timed_cpu_seconds() == sum(durations)  # not compiled
 
 
 def test_cpu_time_mfu_on_known_numbers(monkeypatch):
@@ -52,8 +59,10 @@ def test_cpu_time_mfu_on_known_numbers(monkeypatch):
         def report(self):
             return {"train_step_time_s": 10.0}
 
+        def timed_cpu_seconds(self):
+            return 4.0
+
     check = TrainingCheckCallback()
-    check.cpu_durations = [1.0, 1.0, 1.0, 1.0]
     values, lines = meter_summary(Trainer(), Timer(), check, batching="padded", dtype="fp32")
 
     assert values["achieved_tflops"] == 1e-4 and values["mfu_measured_peak"] == 0.001  # 1 GFLOP / 10 s / 0.1 TFLOP/s

@@ -9,11 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunelab.data.collate import PaddedCollator
+from tunelab.data.collate import PaddedCollator, training_features
 from tunelab.data.packing import FlatCollator, pack_rows
 from tunelab.data.tokenize import IGNORE_INDEX, Example
 from tunelab.train.loss import _LinearCrossEntropySum
-from tunelab.train.run import training_features
 
 # Imported by other commands (report, serve, evaluate's judge): none of them may load before or during training.
 NOT_ON_THE_TRAINING_PATH = ("matplotlib", "fastapi", "uvicorn", "starlette", "sklearn", "openai", "tunelab.serve")

@@ -139,7 +139,7 @@ def read_entry(entry: Path) -> TokenizedData:
         with np.load(entry / f"{name}.npz", allow_pickle=False) as arrays:
             ids, labels, offsets = arrays["input_ids"], arrays["labels"], arrays["offsets"].tolist()
         # 4-byte arrays, not lists: a listed token costs 36 bytes (slot and int object), and the ints of a whole
-        # dataset, once made, stay in Python's allocator after training drops them (see run.training_features).
+        # dataset, once made, stay in Python's allocator after training drops them (see collate.training_features).
         # Consumers read them as sequences of ints.
         out[name] = [
             Example(input_ids=array("i", ids[a:b].tobytes()),  # type: ignore[arg-type]

@@ -1,7 +1,9 @@
-"""Batches padded to their own longest sample (never to cutoff_len)."""
+"""What the collators read (training features: token ids and labels as 4-byte arrays) and batches padded to their
+own longest sample (never to cutoff_len)."""
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +11,22 @@ from typing import Any
 import torch
 
 from tunelab.data.tokenize import IGNORE_INDEX
+
+
+def training_features(examples: list[Any]) -> list[dict[str, Any]]:
+    """The Trainer's dataset: each example's token ids and labels as arrays of 4-byte integers.
+
+    In Python lists a token costs 36 bytes (an 8-byte slot and a 28-byte int object: ids above 256 and the -100
+    labels are not shared), in ``array("i")`` 4 — for the whole run, since the dataset lives until training ends
+    (34 MB on the peer bench's 2,000 samples; a dataset of 10M tokens would hold 720 MB as lists). The collators
+    read features as sequences (``list(feature["input_ids"])``), so every batch is the same.
+    """
+    return [{"input_ids": _int32(e.input_ids), "labels": _int32(e.labels)} for e in examples]
+
+
+def _int32(values: Any) -> array:
+    """``values`` as ``array("i")``; the tokenization cache already reads examples as such arrays (not copied)."""
+    return values if isinstance(values, array) and values.typecode == "i" else array("i", values)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 
 from tunelab.errors import ConfigError
 
-# Liger's own defaults for these, named so a test can check what we ask for.
+# What tunelab asks of liger-kernel (its own default also fuses the LM head and loss, which the lean loss owns here).
 LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
                  "fused_linear_cross_entropy": False}
 

@@ -112,6 +112,8 @@ class StepTimerCallback(TrainerCallback):
     """Times each optimizer step (forward, backward, optimizer), excluding logging, evaluation and checkpoints.
 
     On CUDA the clock is read after a synchronize, otherwise it would time kernel launches, not kernels.
+    It also reads this process's CPU time per step (``cpu_durations``, all threads): on a shared CPU machine the
+    wall clock says as much about the other processes as about the run (the meter's MFU per CPU-second).
     With ``compiled`` (train.torch_compile) the report adds ``compile_s``: how much longer the warm-up steps took
     than the median step after them (tracing, code generation and the recompile for dynamic shapes all happen
     there), and leaves that time out of tokens/s.
@@ -122,7 +124,8 @@ class StepTimerCallback(TrainerCallback):
     def __init__(self, compiled: bool = False) -> None:
         self.compiled = compiled
         self.durations: list[float] = []
-        self._start = 0.0
+        self.cpu_durations: list[float] = []
+        self._start = self._cpu_start = 0.0
         self._tokens_at_warmup_end: int | None = None
         self._tokens_end = 0
         self._tokens_start: int | None = None
@@ -137,9 +140,11 @@ class StepTimerCallback(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._start = self._now()
+        self._cpu_start = time.process_time()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.durations.append(self._now() - self._start)
+        self.cpu_durations.append(time.process_time() - self._cpu_start)
         if len(self.durations) == self.WARMUP_STEPS:
             self._tokens_at_warmup_end = state.num_input_tokens_seen
         self._tokens_end = state.num_input_tokens_seen
@@ -175,8 +180,18 @@ class StepTimerCallback(TrainerCallback):
 
     def compile_seconds(self) -> float | None:
         """Extra time of the warm-up steps over the median later step; ``None`` without a later step to compare."""
-        warmup, steady = self.durations[: self.WARMUP_STEPS], self.durations[self.WARMUP_STEPS :]
+        excess = self._warmup_excess(self.durations)
+        return round(excess, 3) if excess is not None else None
+
+    def timed_cpu_seconds(self) -> float:
+        """CPU seconds of the steps, with the compile share taken out as :meth:`compile_seconds` takes it out of
+        wall time."""
+        excess = self._warmup_excess(self.cpu_durations) if self.compiled else None
+        return sum(self.cpu_durations) - (excess or 0.0)
+
+    def _warmup_excess(self, durations: list[float]) -> float | None:
+        warmup, steady = durations[: self.WARMUP_STEPS], durations[self.WARMUP_STEPS :]
         if not steady:
             return None
         median = statistics.median(steady)
-        return round(sum(max(0.0, d - median) for d in warmup), 3)
+        return sum(max(0.0, d - median) for d in warmup)

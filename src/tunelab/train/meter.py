@@ -17,7 +17,6 @@ MFU per CPU-second next to the wall-clock figures (see ``cpu_time_mfu``).
 from __future__ import annotations
 
 import functools
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,12 +65,7 @@ class FedBatches:
 
 
 class TrainingCheckCallback(TrainerCallback):
-    """Remembers the norms of a few trainable tensors at the start, to tell at the end whether they moved; and the
-    process CPU time of each optimizer step (``cpu_durations``, all threads, ``time.process_time``).
-
-    The CPU clock lives here because this is the meter's own callback: run.py registers it right after
-    ``StepTimerCallback``, so its step begin and end come straight after the step timer's and bracket the same steps.
-    """
+    """Remembers the norms of a few trainable tensors at the start, to tell at the end whether they moved."""
 
     SAMPLE = 16
 
@@ -79,14 +73,6 @@ class TrainingCheckCallback(TrainerCallback):
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
         self._tensors: dict[str, torch.Tensor] = {}
-        self.cpu_durations: list[float] = []
-        self._cpu_start = 0.0
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._cpu_start = time.process_time()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.cpu_durations.append(time.process_time() - self._cpu_start)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if model is not None else []
@@ -188,16 +174,6 @@ def measured_peak(dtype: str, threads: int) -> MatmulPeak:
     return MatmulPeak(flops / best_wall / 1e12, flops / max(best_cpu, 1e-9) / 1e12, threads)
 
 
-def step_cpu_seconds(cpu_durations: list[float], timed: dict[str, Any], warmup_steps: int) -> float:
-    """CPU seconds of the timed steps, with the compile share taken out as ``StepTimerCallback`` takes it out of
-    wall time: what the warm-up steps used above the median later step."""
-    total = sum(cpu_durations)
-    if timed.get("compile_s") is None or len(cpu_durations) <= warmup_steps:
-        return total
-    median = statistics.median(cpu_durations[warmup_steps:])
-    return total - sum(max(0.0, c - median) for c in cpu_durations[:warmup_steps])
-
-
 def cpu_time_mfu(flops: float, cpu_seconds: float, peak: MatmulPeak) -> dict[str, Any]:
     """MFU per CPU-second: the run's FLOPs per second of its own CPU time over the matmul's FLOPs per second of its
     own CPU time, both with ``peak.threads`` threads.
@@ -246,11 +222,9 @@ class Throughput:
         return out
 
 
-def throughput_report(
-    trainer: Any, timer: Any, *, batching: str, dtype: str, cpu_durations: list[float] | None = None
-) -> Throughput:
-    """Rates over step time, padding efficiency of what was fed, FLOPs per token and MFU; on CPU, given the steps'
-    CPU times, MFU per CPU-second as well."""
+def throughput_report(trainer: Any, timer: Any, *, batching: str, dtype: str) -> Throughput:
+    """Rates over step time, padding efficiency of what was fed, FLOPs per token and MFU; on CPU, MFU per
+    CPU-second as well (the step timer's CPU clock)."""
     fed: FedBatches = trainer.fed
     timed = timer.report()
     # Compile time (train.torch_compile) is reported on its own and left out of every rate.
@@ -281,7 +255,7 @@ def throughput_report(
         peak = measured_peak(dtype, torch.get_num_threads())
         values.update(achieved_tflops=round(achieved, 4), measured_peak_tflops=round(peak.tflops, 3),
                       mfu_measured_peak=round(achieved / peak.tflops, 4))
-        cpu_seconds = step_cpu_seconds(cpu_durations, timed, timer.WARMUP_STEPS) if cpu_durations else 0.0
+        cpu_seconds = timer.timed_cpu_seconds()
         if cpu_seconds > 0 and not torch.cuda.is_available():  # on CUDA the GPU's time is what counts
             values.update(cpu_time_mfu(per_token * real, cpu_seconds, peak))
         stated = stated_peak_tflops(dtype)
@@ -296,7 +270,7 @@ def meter_summary(
 ) -> tuple[dict[str, Any], list[str]]:
     """summary.json additions and the end-of-run lines: throughput, MFU, and the "did it train" check (a warning
     line for each check that failed)."""
-    throughput = throughput_report(trainer, timer, batching=batching, dtype=dtype, cpu_durations=check.cpu_durations)
+    throughput = throughput_report(trainer, timer, batching=batching, dtype=dtype)
     checks = check.report(trainer.state.log_history)
     lines = throughput.lines()
     failed = {

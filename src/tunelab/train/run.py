@@ -10,7 +10,6 @@ import os
 import resource
 import sys
 import time
-from array import array
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -25,6 +24,7 @@ from tunelab.config.load import dump_config
 from tunelab.config.schema import TunelabConfig
 from tunelab.data.build import load_splits, write_split_files
 from tunelab.data.cache import tokenize_with_cache
+from tunelab.data.collate import training_features
 from tunelab.data.packing import plan_batching
 from tunelab.data.template import build_template
 from tunelab.models.liger import apply_liger_kernels
@@ -183,22 +183,6 @@ def run_training(
         plot_loss_curve(metrics_path, out / "loss_curve.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
     return RunResult(out, summary, model=trainer.model, train_records=splits.train)
-
-
-def training_features(examples: list[Any]) -> list[dict[str, Any]]:
-    """The Trainer's dataset: each example's token ids and labels as arrays of 4-byte integers.
-
-    In Python lists a token costs 36 bytes (an 8-byte slot and a 28-byte int object: ids above 256 and the -100
-    labels are not shared), in ``array("i")`` 4 — for the whole run, since the dataset lives until training ends
-    (34 MB on the peer bench's 2,000 samples; a dataset of 10M tokens would hold 720 MB as lists). The collators
-    read features as sequences (``list(feature["input_ids"])``), so every batch is the same.
-    """
-    return [{"input_ids": _int32(e.input_ids), "labels": _int32(e.labels)} for e in examples]
-
-
-def _int32(values: Any) -> array:
-    """``values`` as ``array("i")``; the tokenization cache already reads examples as such arrays (not copied)."""
-    return values if isinstance(values, array) and values.typecode == "i" else array("i", values)
 
 
 def is_main_process() -> bool:
