@@ -11,6 +11,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers, peft, accelerate, bitsandbytes; print('versions torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', bitsandbytes.__version__, torch.cuda.get_device_name(0))" 2>&1 | tail -1
 python3 -c "import liger_kernel; print('liger-kernel importable')" 2>&1 | tail -1
+# LLaMA-Factory's GPU comparison needs pyarrow and pandas from the image (their wheels do not fit the carry limit)
+python3 -c "import pyarrow, pandas; print('pyarrow', pyarrow.__version__, 'pandas', pandas.__version__)" 2>&1 | tail -1
 part() {  # part NAME SECONDS COMMAND...: run with a limit, keep the log, show the result lines
   local name=$1 limit=$2; shift 2
   echo "== $name"

@@ -202,7 +202,8 @@ def run_tunelab(args: argparse.Namespace, work: Path, out: Path) -> None:
 
     batching, dtype = {"padding_free": ("padding_free", "fp32"), "padded": ("padded", "fp32"),
                        "padding_free_bf16": ("padding_free", "bf16"), "packed": ("packed", "fp32"),
-                       "padding_free_gc": ("padding_free", "fp32")}[args.mode]
+                       "padding_free_gc": ("padding_free", "fp32"),
+                       "padding_free_glibc": ("padding_free", "fp32")}[args.mode]
     overrides = [
         f"model.name_or_path={work / 'model'}", f"model.dtype={dtype}",
         f"data.datasets=[{{path: '{work / 'data-tunelab-order.jsonl'}'}}]", "data.seed=0", "data.template=chatml",
@@ -214,8 +215,13 @@ def run_tunelab(args: argparse.Namespace, work: Path, out: Path) -> None:
         "train.logging_steps=1", "train.save_steps=100000", "train.report_to=none",
         "train.lr_scheduler_type=constant", "train.warmup_ratio=0.0", f"train.learning_rate={args.lr}",
         f"train.seed={args.seed}", f"train.gradient_checkpointing={str(args.mode.endswith('_gc')).lower()}",
+        f"train.cpu_allocator={tunelab_allocator(args.mode)}",
     ]
     run_training(load_config(None, overrides))
+
+
+def tunelab_allocator(mode: str) -> str:
+    return "system" if mode.endswith("_glibc") else "auto"
 
 
 def run_trl(args: argparse.Namespace, work: Path, out: Path) -> None:
@@ -297,6 +303,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
+    if args.tool == "tunelab":  # what `tunelab train` does first, before torch is imported
+        from tunelab.train.allocator import reexec_with_allocator
+
+        reexec_with_allocator(tunelab_allocator(args.mode))
     work, out = Path(args.work).resolve(), Path(args.run_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     pad_id = json.loads((work / "model" / "config.json").read_text())["pad_token_id"]
@@ -311,10 +321,18 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - started, 2), "peak_rss_mb": round(vm_hwm_mb(), 1),
         "peak_rss_children_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "versions": versions(), "python": sys.version.split()[0], "torch_threads": _threads(),
-        "pid": os.getpid(),
+        "pid": os.getpid(), "allocator": mapped_allocator(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print("RESULT " + json.dumps(result))
+
+
+def mapped_allocator() -> str:
+    """The malloc library mapped into this process (however it was preloaded), else glibc's."""
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    names = {Path(line.split()[-1]).name for line in maps.splitlines() if "/" in line}
+    return next((n for n in ("jemalloc", "mimalloc", "tcmalloc") if any(m.startswith(f"lib{n}") for m in names)),
+                "glibc")
 
 
 def _threads() -> int:

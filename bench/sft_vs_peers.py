@@ -64,6 +64,10 @@ ROWS = [
     ("llamafactory", "neat_packing_nogc", "LLaMA-Factory, neat_packing, checkpointing off"),
 ]
 GC_ROW = ("tunelab", "padding_free_gc", "tunelab, padding-free, checkpointing on (train.gradient_checkpointing)")
+ALLOCATOR_ROW = ("tunelab", "padding_free_glibc", "tunelab, default but glibc's malloc (train.cpu_allocator=system)")
+# A control, not a peer mode: the leanest peer with the allocator tunelab preloads, set by hand (LD_PRELOAD).
+PEER_ALLOCATOR_ROW = ("trl", "padding_free+jemalloc", "*control:* TRL, padding_free=True (checkpointing on), "
+                      "jemalloc preloaded by hand as tunelab does")
 BF16_ROW = ("tunelab", "padding_free_bf16", "tunelab, padding-free, **bf16** (not comparable: other precision)")
 PEER_DEFAULT = {"trl": "padded", "llamafactory": "padded"}
 LEARNING_RATE = {"lora": 1e-3, "full": 1e-4}
@@ -278,7 +282,8 @@ def run_one(tool: str, mode: str, method: str, rep: int, args: argparse.Namespac
     if args.reuse and (run_dir / "result.json").is_file():
         return json.loads((run_dir / "result.json").read_text())
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-    command = [python_of(tool), str(RUNNER), "--tool", tool, "--mode", mode, "--method", method,
+    runner_mode, _, preload = mode.partition("+")
+    command = [python_of(tool), str(RUNNER), "--tool", tool, "--mode", runner_mode, "--method", method,
                "--work", str(args.out), "--run-dir", str(run_dir), "--steps", str(args.steps),
                "--batch", str(args.batch), "--cutoff", str(args.cutoff), "--lr", str(LEARNING_RATE[method]),
                "--seed", "0", "--warmup", str(args.warmup)]
@@ -286,6 +291,14 @@ def run_one(tool: str, mode: str, method: str, rep: int, args: argparse.Namespac
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "HF_DATASETS_CACHE": str(Path(args.out) / "hf-datasets-cache"), "TOKENIZERS_PARALLELISM": "false",
            "DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true"}
+    if preload:  # the same library and setting tunelab's train.cpu_allocator would preload
+        from tunelab.train.allocator import ALLOCATORS, find_allocator
+
+        library = find_allocator(preload)
+        if library is None:
+            raise SystemExit(f"{mode}: {preload} is not installed here ({ALLOCATORS[preload].install})")
+        variable, value = ALLOCATORS[preload].settings
+        env.update({"LD_PRELOAD": library, variable: value})
     run_dir.mkdir(parents=True)
     with open(run_dir / "log.txt", "w") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
@@ -348,7 +361,8 @@ def summarise(method: str, runs: dict, rows: list[tuple[str, str, str]]) -> list
             "load_average": [round(r["load_average"][0], 1) for r in rs if "load_average" in r],
             "versions": first["versions"],
         }
-        if tool == "tunelab" and reference and mode in ("padding_free", "padded", "padding_free_gc"):
+        if tool == "tunelab" and reference and mode in ("padding_free", "padded", "padding_free_gc",
+                                                        "padding_free_glibc"):
             row["max_step_loss_diff_vs_tunelab_padded"] = max(
                 abs(a - b) for r in rs for a, b in zip(r["losses"], reference, strict=True))
         table.append(row)
@@ -359,7 +373,8 @@ def targets(table: list[dict]) -> dict:
     """The issue's targets, as ratios: ≥1.8× the best peer default, ≥1.15× the best peer fastest mode, RSS ≤ leanest."""
     ours = next(r for r in table if r["tool"] == "tunelab" and r["mode"] == "padding_free")
     gc = next((r for r in table if r["tool"] == "tunelab" and r["mode"] == "padding_free_gc"), None)
-    peers = [r for r in table if r["tool"] != "tunelab"]
+    glibc = next((r for r in table if r["tool"] == "tunelab" and r["mode"] == "padding_free_glibc"), None)
+    peers = [r for r in table if r["tool"] != "tunelab" and "+" not in r["mode"]]  # controls are not peer modes
     defaults = [r for r in peers if r["mode"] == PEER_DEFAULT[r["tool"]]]
     best_default = max(defaults, key=lambda r: r["real_tokens_per_cpu_s"])
     fastest = max(peers, key=lambda r: r["real_tokens_per_cpu_s"])
@@ -372,6 +387,9 @@ def targets(table: list[dict]) -> dict:
         "rss_vs_leanest_peer": {"peer": leanest["label"], "tunelab_mb": ours["peak_rss_mb"],
                                 "peer_mb": leanest["peak_rss_mb"],
                                 "met": ours["peak_rss_mb"] <= leanest["peak_rss_mb"]},
+        "rss_system_allocator_vs_leanest_peer": (
+            {"tunelab_mb": glibc["peak_rss_mb"], "peer_mb": leanest["peak_rss_mb"],
+             "met": glibc["peak_rss_mb"] <= leanest["peak_rss_mb"]} if glibc else None),
         "rss_checkpointing_vs_leanest_peer": (
             {"tunelab_mb": gc["peak_rss_mb"], "peer_mb": leanest["peak_rss_mb"],
              "met": gc["peak_rss_mb"] <= leanest["peak_rss_mb"]} if gc else None),
@@ -401,6 +419,9 @@ def markdown(method: str, table: list[dict], goal: dict) -> str:
               f"peak RSS {goal['rss_vs_leanest_peer']['tunelab_mb']:,.0f} MB vs leanest peer "
               f"({goal['rss_vs_leanest_peer']['peer']}) {goal['rss_vs_leanest_peer']['peer_mb']:,.0f} MB "
               f"({'met' if goal['rss_vs_leanest_peer']['met'] else 'missed'})"
+              + (f"; with glibc's malloc {goal['rss_system_allocator_vs_leanest_peer']['tunelab_mb']:,.0f} MB "
+                 f"({'met' if goal['rss_system_allocator_vs_leanest_peer']['met'] else 'missed'})"
+                 if goal["rss_system_allocator_vs_leanest_peer"] else "")
               + (f"; with checkpointing {goal['rss_checkpointing_vs_leanest_peer']['tunelab_mb']:,.0f} MB "
                  f"({'met' if goal['rss_checkpointing_vs_leanest_peer']['met'] else 'missed'})"
                  if goal["rss_checkpointing_vs_leanest_peer"] else "")
@@ -460,7 +481,8 @@ def main() -> None:
     lock = threading.Lock()  # the two rotations of --parallel share the report
 
     def one_table(index: int, method: str) -> None:
-        rows = ROWS + [GC_ROW] + ([BF16_ROW] if method in args.bf16_methods.split(",") else [])
+        rows = [*ROWS, GC_ROW, ALLOCATOR_ROW, PEER_ALLOCATOR_ROW,
+                *([BF16_ROW] if method in args.bf16_methods.split(",") else [])]
         if args.rows:
             wanted = {tuple(key.split(":", 1)) for key in args.rows.split(",")}
             unknown = wanted - {(tool, mode) for tool, mode, _ in rows}

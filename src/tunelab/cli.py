@@ -146,6 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.workflow import evaluate_after_training
 
     config = _load(args)
+    _preload_allocator(args, config.train.cpu_allocator)
     result = run_training(config, console)
     if result.interrupted_by is not None:
         console.print(f"[yellow]stopped by signal {result.interrupted_by}; checkpoint saved in "
@@ -159,6 +160,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.eval.after_training:
         evaluate_after_training(config, console, result.train_records)
     return 0
+
+
+def _preload_allocator(args: argparse.Namespace, choice: str) -> None:
+    """Restart this command once with ``train.cpu_allocator``'s library preloaded (tunelab.train.allocator says
+    why). Only from a real command line: inside a Python caller's process (tests, notebooks) it would replace that
+    process."""
+    if args.from_command_line:
+        from tunelab.train.allocator import reexec_with_allocator
+
+        reexec_with_allocator(choice)
 
 
 def _examples(args: argparse.Namespace):
@@ -494,14 +505,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from tunelab.config.schema import TrainConfig
     from tunelab.demo.run import run_demo
 
+    _preload_allocator(args, TrainConfig().cpu_allocator)
     return run_demo(Path(args.workdir), model=args.model, console=console)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.from_command_line = argv is None
     try:
         return args.handler(args)
     except TunelabError as exc:

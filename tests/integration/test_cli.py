@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tunelab.train.allocator import plan_allocator
+
 TUNELAB = [sys.executable, "-m", "tunelab.cli"]
 
 
@@ -87,6 +89,14 @@ def test_train_eval_compare_end_to_end(tmp_path, tiny_model, arithmetic_file):
                  "eval/report/comparison.html", "eval/base/predictions.jsonl", "eval/fewshot/metrics.json",
                  "eval/finetuned/metrics.json", "eval/probe/finetuned/metrics.json"):
         assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    # `tunelab train` restarted itself with the allocator train.cpu_allocator=auto plans here, and it is mapped
+    planned = plan_allocator("auto")
+    assert summary["cpu_allocator"]["name"] == planned.name, summary["cpu_allocator"]
+    if planned.library is not None:
+        assert summary["cpu_allocator"]["reason"] == "preloaded by tunelab (train.cpu_allocator=auto)"
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    assert summary["lean_activation_mlps"] == layers and "lean activations: " in trained.stderr
     again = tunelab("train", str(config))
     assert again.returncode == 1 and "is not empty" in again.stderr
 

@@ -19,7 +19,8 @@ MAPPED = {
 # torch_compile is tunelab's own (per-layer, in place; see tunelab.train.compile), not the Trainer's whole-model one.
 TUNELAB_ONLY = {
     "stage", "resume", "stop_on_nonfinite_loss", "lean_loss", "activation_offload", "torch_compile",
-    "torch_compile_backend", "liger_kernel",
+    "torch_compile_backend", "liger_kernel", "cpu_allocator",
+    "lean_activations",
 }
 
 

@@ -260,6 +260,11 @@ class TrainConfig(Section):
     """Run the LM head only where labels are supervised, in chunks (fused on GPU with liger-kernel installed):
     the same loss, without a tokens × vocabulary logit tensor. Models whose logits are not the plain head of
     the last hidden state keep their own loss (with a message)."""
+    lean_activations: bool = True
+    """SwiGLU MLPs (Llama, Qwen2/3, Mistral) keep only their gate and up projections for the backward pass and
+    recompute SiLU and the product there: about a third less activation memory per layer for a few elementwise
+    operations, the same gradients bit for bit. Off by itself under ``torch_compile``, ``liger_kernel`` and
+    ``gradient_checkpointing``, which recompute in their own way."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory, about a third more compute.
     Non-reentrant checkpointing, so it also works when the base is frozen (LoRA, freeze)."""
@@ -281,6 +286,14 @@ class TrainConfig(Section):
     torch_compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     """``inductor`` generates fused kernels (the speed-up); ``aot_eager`` traces the forward and backward graphs and
     runs them eagerly: no speed-up and no compiler needed, for checking that a model compiles."""
+    cpu_allocator: Literal["auto", "system", "jemalloc", "mimalloc", "tcmalloc"] = "auto"
+    """The malloc behind the process's CPU memory, preloaded (``LD_PRELOAD``) when ``tunelab train`` or ``tunelab
+    demo`` starts, on Linux. Training frees and re-makes tensors of the same shapes layer after layer, which
+    fragments glibc's heap: that is most of a CPU run's peak RSS (bench/RESULTS.md, "Allocator"). ``auto``: on a
+    machine without a GPU, jemalloc, else mimalloc (``pip install 'tunelab[cpu]'``), else tcmalloc;
+    the system allocator with a GPU or when none is installed. A named one that is not installed is an error.
+    Freed pages are kept for reuse (unless the allocator's own setting is in the environment): peak RSS is
+    what it is, and steps do not fault the pages in again."""
     optim: Optimizer = "adamw_torch_fused"
     """Optimizer, by its transformers name. The bitsandbytes ones keep optimizer state in 8 bits (``*_8bit``,
     about a quarter of AdamW's state memory) or page it to CPU memory under GPU memory pressure (``paged_*``,

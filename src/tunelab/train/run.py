@@ -21,12 +21,13 @@ from transformers import set_seed
 
 from tunelab.config.hf_args import training_arguments
 from tunelab.config.load import dump_config
-from tunelab.config.schema import TunelabConfig
+from tunelab.config.schema import TrainConfig, TunelabConfig
 from tunelab.data.build import load_splits, write_split_files
 from tunelab.data.cache import tokenize_with_cache
 from tunelab.data.collate import training_features
 from tunelab.data.packing import plan_batching
 from tunelab.data.template import build_template
+from tunelab.models.lean_mlp import apply_lean_mlp, lean_mlp_problem
 from tunelab.models.liger import apply_liger_kernels
 from tunelab.models.load import (
     add_new_tokens,
@@ -47,6 +48,7 @@ from tunelab.models.methods import (
 from tunelab.models.packed_attention import restore_attention
 from tunelab.report.loss_curve import plot_loss_curve
 from tunelab.stages import STAGES
+from tunelab.train.allocator import describe_allocator
 from tunelab.train.callbacks import (
     MetricsFileCallback,
     ProgressBarCallback,
@@ -85,6 +87,8 @@ def run_training(
     check_train_machine(config)
     check_attention(config.model.attn_implementation)
     console.print(f"[bold]precision[/] {dtype}: {precision.reason}")
+    allocator = describe_allocator(config.train.cpu_allocator)
+    console.print(f"[bold]allocator[/] {allocator['name']}: {allocator['reason']}")
     check_method(config)
     out = config.train.output_path
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +117,7 @@ def run_training(
     if config.train.liger_kernel:
         console.print(apply_liger_kernels(model))
     model = keep_trainable_fp32(apply_method(model, config.method, new_token_ids))
+    lean_mlps = use_lean_activations(model, config.train, console)
     trainable, total = count_parameters(model)
     console.print(f"[bold]model[/] {config.model.name_or_path} ({dtype}), method {config.method.name}: "
                   f"{trainable:,} of {total:,} parameters train ({100 * trainable / max(total, 1):.2f}%)")
@@ -165,6 +170,8 @@ def run_training(
 
     summary = build_summary(trainer, wall, trainable, total, data.stats)
     summary["precision"] = {"dtype": dtype, "reason": precision.reason}
+    summary["cpu_allocator"] = allocator
+    summary["lean_activation_mlps"] = lean_mlps
     summary.update(timer.report())
     summary.update(method_summary)
     meter, meter_lines = meter_summary(trainer, timer, check, batching=batching.mode, dtype=dtype)
@@ -183,6 +190,21 @@ def run_training(
         plot_loss_curve(metrics_path, out / "loss_curve.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
     return RunResult(out, summary, model=trainer.model, train_records=splits.train)
+
+
+def use_lean_activations(model: Any, train: TrainConfig, console: Console) -> int:
+    """``train.lean_activations``: patch the SwiGLU MLPs when nothing else recomputes them; returns how many."""
+    if not train.lean_activations:
+        return 0
+    off = lean_mlp_problem(torch_compile=train.torch_compile, liger_kernel=train.liger_kernel,
+                           gradient_checkpointing=train.gradient_checkpointing)
+    patched = 0 if off else apply_lean_mlp(model)
+    if off:
+        console.print(f"lean activations off: {off}")
+    elif patched:
+        console.print(f"lean activations: {patched} SwiGLU MLPs keep their gate and up outputs only; SiLU and the "
+                      "product are recomputed in the backward pass")
+    return patched
 
 
 def is_main_process() -> bool:
