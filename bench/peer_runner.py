@@ -216,6 +216,8 @@ def run_tunelab(args: argparse.Namespace, work: Path, out: Path) -> None:
         "train.lr_scheduler_type=constant", "train.warmup_ratio=0.0", f"train.learning_rate={args.lr}",
         f"train.seed={args.seed}", f"train.gradient_checkpointing={str(args.mode.endswith('_gc')).lower()}",
         f"train.cpu_allocator={tunelab_allocator(args.mode)}",
+        # extra tunelab settings for an A/B run by hand, e.g. TUNELAB_BENCH_OVERRIDES="train.lean_activations=false"
+        *os.environ.get("TUNELAB_BENCH_OVERRIDES", "").split(),
     ]
     run_training(load_config(None, overrides))
 

@@ -96,7 +96,7 @@ def test_train_eval_compare_end_to_end(tmp_path, tiny_model, arithmetic_file):
     if planned.library is not None:
         assert summary["cpu_allocator"]["reason"] == "preloaded by tunelab (train.cpu_allocator=auto)"
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
-    assert summary["lean_activation_mlps"] == layers and "lean activations: " in trained.stderr
+    assert summary["lean_activation_layers"] == layers and "lean activations: " in trained.stderr
     again = tunelab("train", str(config))
     assert again.returncode == 1 and "is not empty" in again.stderr
 

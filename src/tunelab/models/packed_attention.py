@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunelab.models.lean_activations import remember
+
 VARLEN_SDPA = "tunelab_varlen_sdpa"
 # Implementations that isolate samples of a flat row by themselves (varlen kernels reading cu_seq_lens).
 NATIVE_VARLEN = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -94,8 +96,16 @@ def _flat_row_attention(
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
                                                      enable_gqa=gqa)
         outputs.append(out)
+    result = _join(outputs)
+    # o_proj keeps this copy for its backward; the per-sample outputs are kept by SDPA's backward anyway, so a lean
+    # layer (train.lean_activations) remakes it from them instead.
+    remember(result, lambda: _join(outputs))
+    return result, None
+
+
+def _join(outputs: list[torch.Tensor]) -> torch.Tensor:
     attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return attn.transpose(1, 2).contiguous(), None
+    return attn.transpose(1, 2).contiguous()
 
 
 def attention_dtype(query: torch.Tensor) -> torch.dtype:

@@ -27,7 +27,7 @@ from tunelab.data.cache import tokenize_with_cache
 from tunelab.data.collate import training_features
 from tunelab.data.packing import plan_batching
 from tunelab.data.template import build_template
-from tunelab.models.lean_mlp import apply_lean_mlp, lean_mlp_problem
+from tunelab.models.lean_activations import apply_lean_activations, lean_activations_problem
 from tunelab.models.liger import apply_liger_kernels
 from tunelab.models.load import (
     add_new_tokens,
@@ -117,7 +117,7 @@ def run_training(
     if config.train.liger_kernel:
         console.print(apply_liger_kernels(model))
     model = keep_trainable_fp32(apply_method(model, config.method, new_token_ids))
-    lean_mlps = use_lean_activations(model, config.train, console)
+    lean_layers = use_lean_activations(model, config.train, console)
     trainable, total = count_parameters(model)
     console.print(f"[bold]model[/] {config.model.name_or_path} ({dtype}), method {config.method.name}: "
                   f"{trainable:,} of {total:,} parameters train ({100 * trainable / max(total, 1):.2f}%)")
@@ -171,7 +171,7 @@ def run_training(
     summary = build_summary(trainer, wall, trainable, total, data.stats)
     summary["precision"] = {"dtype": dtype, "reason": precision.reason}
     summary["cpu_allocator"] = allocator
-    summary["lean_activation_mlps"] = lean_mlps
+    summary["lean_activation_layers"] = lean_layers
     summary.update(timer.report())
     summary.update(method_summary)
     meter, meter_lines = meter_summary(trainer, timer, check, batching=batching.mode, dtype=dtype)
@@ -193,17 +193,17 @@ def run_training(
 
 
 def use_lean_activations(model: Any, train: TrainConfig, console: Console) -> int:
-    """``train.lean_activations``: patch the SwiGLU MLPs when nothing else recomputes them; returns how many."""
+    """``train.lean_activations``: patch the decoder layers when nothing else recomputes; returns how many."""
     if not train.lean_activations:
         return 0
-    off = lean_mlp_problem(torch_compile=train.torch_compile, liger_kernel=train.liger_kernel,
-                           gradient_checkpointing=train.gradient_checkpointing)
-    patched = 0 if off else apply_lean_mlp(model)
+    off = lean_activations_problem(torch_compile=train.torch_compile, liger_kernel=train.liger_kernel,
+                                   gradient_checkpointing=train.gradient_checkpointing)
+    patched = 0 if off else apply_lean_activations(model)
     if off:
         console.print(f"lean activations off: {off}")
     elif patched:
-        console.print(f"lean activations: {patched} SwiGLU MLPs keep their gate and up outputs only; SiLU and the "
-                      "product are recomputed in the backward pass")
+        console.print(f"lean activations: {patched} decoder layers remake their norm outputs, SiLU product and "
+                      "attention output in the backward pass instead of keeping them")
     return patched
 
 

@@ -1,10 +1,11 @@
-"""train.lean_activations: the patched SwiGLU MLPs give bit-identical losses and gradients and keep two of the four
-intermediate-width tensors per token for the backward pass."""
+"""train.lean_activations: patched decoder layers give bit-identical losses and gradients and keep fewer tensors for
+the backward pass (the SiLU output and product, the norms' outputs)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 
 import pytest
@@ -12,7 +13,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tunelab.models.lean_mlp import SWIGLU_MLP_CLASSES, apply_lean_mlp, lean_mlp_problem
+from tunelab.models import lean_activations
+from tunelab.models.lean_activations import (
+    DECODER_LAYER_CLASSES,
+    SWIGLU_MLP_CLASSES,
+    apply_lean_activations,
+    lean_activations_problem,
+    patch_swiglu_mlp,
+)
 
 LAYERS, HIDDEN, INTERMEDIATE = 2, 32, 96
 MODEL_TYPES = {"LlamaMLP": "llama", "Qwen2MLP": "qwen2", "Qwen3MLP": "qwen3", "MistralMLP": "mistral",
@@ -24,22 +32,26 @@ def tiny_config(model_type: str):
                                 num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 
 
-def step(model, ids, *, lean: bool, bf16: bool):
+def step(model, ids, *, lean: bool, bf16: bool, monkeypatch=None):
     """One forward and backward; the loss, every gradient, and the bytes of the non-parameter tensors autograd
-    keeps (each storage once) outside the MLP's own saved-tensor hooks."""
+    keeps for the backward (each storage once): what reaches the test's hook outside the layers, and what the lean
+    layers' own hook keeps as it is rather than as a recipe."""
     model = copy.deepcopy(model)
     if lean:
-        assert apply_lean_mlp(model) == LAYERS
+        assert apply_lean_activations(model) == LAYERS
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
+    def record(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
+    if monkeypatch is not None:
+        original = lean_activations._pack_with
+        monkeypatch.setattr(lean_activations, "_pack_with", lambda recipes: lambda t: record(original(recipes)(t)))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t), autocast:
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -49,7 +61,7 @@ def step(model, ids, *, lean: bool, bf16: bool):
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
-def test_same_loss_and_gradients_bit_for_bit_with_less_kept(model_type, method, bf16):
+def test_same_loss_and_gradients_bit_for_bit_with_less_kept(model_type, method, bf16, monkeypatch):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type))
     if method == "lora":
@@ -59,14 +71,16 @@ def test_same_loss_and_gradients_bit_for_bit_with_less_kept(model_type, method, 
                 torch.nn.init.normal_(param, std=0.05)
     ids = torch.randint(0, 211, (3, 29))
     plain_loss, plain_grads, plain_kept = step(model, ids, lean=False, bf16=bf16)
-    lean_loss, lean_grads, lean_kept = step(model, ids, lean=True, bf16=bf16)
+    lean_loss, lean_grads, lean_kept = step(model, ids, lean=True, bf16=bf16, monkeypatch=monkeypatch)
     assert torch.equal(plain_loss, lean_loss)
     assert plain_grads.keys() == lean_grads.keys() and plain_grads
     for name, grad in plain_grads.items():
         assert torch.equal(grad, lean_grads[name]), name
-    # SiLU's output and the product (down_proj's input) are no longer kept, per MLP
-    itemsize = 2 if bf16 else 4
-    assert plain_kept - lean_kept >= 2 * LAYERS * ids.numel() * INTERMEDIATE * itemsize
+    # per layer, no longer kept in fp32: SiLU's output and the product (down_proj's input), and the two norms'
+    # outputs (the projections' input). Under bf16 autocast at least one intermediate-width tensor: the
+    # projections then keep autocast's own bf16 copies of some inputs, which no recipe can stand for.
+    width, itemsize = (INTERMEDIATE, 2) if bf16 else (2 * INTERMEDIATE + 2 * HIDDEN, 4)
+    assert plain_kept - lean_kept >= LAYERS * ids.numel() * width * itemsize
 
 
 def test_dropout_copies_and_inference_are_left_alone():
@@ -81,7 +95,7 @@ def test_dropout_copies_and_inference_are_left_alone():
     assert torch.equal(plain_loss, lean_loss)
     assert all(torch.equal(g, lean_grads[n]) for n, g in plain_grads.items())
     patched = copy.deepcopy(model)
-    apply_lean_mlp(patched)
+    apply_lean_activations(patched)
     model.eval()
     patched.eval()
     with torch.no_grad():
@@ -95,7 +109,7 @@ def test_every_listed_class_has_the_forward_the_patch_assumes(class_name):
     torch.manual_seed(0)
     mlp = getattr(module, class_name)(tiny_config(model_type))
     lean = copy.deepcopy(mlp)
-    assert apply_lean_mlp(lean) == 1
+    assert patch_swiglu_mlp(lean)
     x = torch.randn(2, 5, HIDDEN, requires_grad=True)
     y = x.detach().clone().requires_grad_()
     out_plain, out_lean = mlp(x), lean(y)
@@ -106,12 +120,29 @@ def test_every_listed_class_has_the_forward_the_patch_assumes(class_name):
 
 
 def test_off_where_something_else_recomputes():
-    assert lean_mlp_problem(torch_compile=False, liger_kernel=False, gradient_checkpointing=False) == ""
-    assert "compile" in lean_mlp_problem(torch_compile=True, liger_kernel=False, gradient_checkpointing=False)
-    assert "Liger" in lean_mlp_problem(torch_compile=False, liger_kernel=True, gradient_checkpointing=False)
-    assert "checkpointing" in lean_mlp_problem(torch_compile=False, liger_kernel=False, gradient_checkpointing=True)
+    problem = lean_activations_problem
+    assert problem(torch_compile=False, liger_kernel=False, gradient_checkpointing=False) == ""
+    assert "compile" in problem(torch_compile=True, liger_kernel=False, gradient_checkpointing=False)
+    assert "Liger" in problem(torch_compile=False, liger_kernel=True, gradient_checkpointing=False)
+    assert "checkpointing" in problem(torch_compile=False, liger_kernel=False, gradient_checkpointing=True)
     gelu = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma", vocab_size=211, hidden_size=HIDDEN,
                                                                  intermediate_size=INTERMEDIATE, num_hidden_layers=1,
                                                                  num_attention_heads=4, num_key_value_heads=2,
                                                                  head_dim=8))
-    assert apply_lean_mlp(gelu) == 0  # GeGLU: not a class the patch knows, so untouched
+    assert apply_lean_activations(gelu) == 0  # Gemma: not a layer class the patch knows, so untouched
+
+
+@pytest.mark.parametrize("class_name", sorted(DECODER_LAYER_CLASSES))
+def test_every_listed_layer_class_is_patched_with_its_norms_and_mlp(class_name):
+    model_type = MODEL_TYPES[class_name.replace("DecoderLayer", "MLP")]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+    plain = copy.deepcopy(model)
+    assert apply_lean_activations(model) == LAYERS
+    layer = next(m for m in model.modules() if type(m).__name__ == class_name)
+    assert isinstance(layer.input_layernorm.forward, functools.partial)  # the norm is one of the known classes
+    ids = torch.randint(0, 211, (2, 13))
+    plain(input_ids=ids, labels=ids).loss.backward()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for (name, p), (_, q) in zip(plain.named_parameters(), model.named_parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
