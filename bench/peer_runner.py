@@ -330,7 +330,8 @@ def main() -> None:
 
 
 def mapped_allocator() -> str:
-    """The malloc library mapped into this process (however it was preloaded), else glibc's."""
+    """The malloc library mapped into this process (however it was preloaded), else glibc's. The same reading as
+    ``tunelab.train.allocator.allocator_in_use``, written again because the peers' environments lack tunelab."""
     maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
     names = {Path(line.split()[-1]).name for line in maps.splitlines() if "/" in line}
     return next((n for n in ("jemalloc", "mimalloc", "tcmalloc") if any(m.startswith(f"lib{n}") for m in names)),

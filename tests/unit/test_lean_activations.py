@@ -146,3 +146,25 @@ def test_every_listed_layer_class_is_patched_with_its_norms_and_mlp(class_name):
     model(input_ids=ids, labels=ids).loss.backward()
     for (name, p), (_, q) in zip(plain.named_parameters(), model.named_parameters(), strict=True):
         assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+
+
+def test_the_train_switch_and_what_turns_it_off():
+    from rich.console import Console
+
+    from tunelab.config.schema import TrainConfig
+    from tunelab.train.run import use_lean_activations
+
+    def layers_patched(**train):
+        model = AutoModelForCausalLM.from_config(tiny_config("qwen2"))
+        console = Console(record=True, width=200)
+        count = use_lean_activations(model, TrainConfig(**train), console)
+        patched = [isinstance(m.forward, functools.partial) for m in model.model.layers]
+        return count, patched, console.export_text()
+
+    count, patched, printed = layers_patched()
+    assert count == LAYERS and all(patched) and "lean activations: 2 decoder layers" in printed
+    count, patched, printed = layers_patched(lean_activations=False)
+    assert count == 0 and not any(patched) and printed == ""
+    count, patched, printed = layers_patched(gradient_checkpointing=True)
+    assert count == 0 and not any(patched)
+    assert "lean activations off: gradient checkpointing recomputes the whole layer" in printed

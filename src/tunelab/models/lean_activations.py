@@ -25,6 +25,7 @@ merging do not change.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import types
 import weakref
@@ -59,15 +60,18 @@ class Recipe:
     dropped after the last of them is used."""
 
 
-# One table per decoder-layer call in progress (a process trains one model at a time, on one thread).
-_scopes: list[dict[int, Recipe]] = []
+# The recipes of the decoder-layer call in progress (None outside one): a context variable, so that what one thread
+# or task remembers never reaches another's hook, and a layer that ends restores the outer value.
+_layer_recipes: contextvars.ContextVar[dict[int, Recipe] | None] = contextvars.ContextVar("lean_layer_recipes",
+                                                                                          default=None)
 
 
 def remember(tensor: torch.Tensor, remake: Callable[[], torch.Tensor]) -> bool:
     """Inside a lean layer's forward: wherever autograd would keep ``tensor`` (or a view of it), keep ``remake``
     instead. ``remake`` runs without grad, under the autocast state of this forward, and must hold only tensors
     that are kept anyway. Returns False outside a lean layer or without grad (nothing is kept then)."""
-    if not _scopes or not torch.is_grad_enabled():
+    recipes = _layer_recipes.get()
+    if recipes is None or not torch.is_grad_enabled():
         return False
     device = tensor.device.type
     enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
@@ -76,7 +80,7 @@ def remember(tensor: torch.Tensor, remake: Callable[[], torch.Tensor]) -> bool:
         with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             return remake()
 
-    _scopes[-1][tensor.untyped_storage().data_ptr()] = Recipe(weakref.ref(tensor), remake_as_in_forward)
+    recipes[tensor.untyped_storage().data_ptr()] = Recipe(weakref.ref(tensor), remake_as_in_forward)
     return True
 
 
@@ -110,12 +114,12 @@ def lean_layer_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) 
     if not torch.is_grad_enabled():
         return original(*args, **kwargs)
     recipes: dict[int, Recipe] = {}
-    _scopes.append(recipes)
+    token = _layer_recipes.set(recipes)
     try:
         with torch.autograd.graph.saved_tensors_hooks(_pack_with(recipes), _unpack):
             return original(*args, **kwargs)
     finally:
-        _scopes.pop()
+        _layer_recipes.reset(token)
 
 
 class SiluMul(torch.autograd.Function):
@@ -143,7 +147,7 @@ def lean_swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def lean_norm_forward(original: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    if not _scopes or not torch.is_grad_enabled():
+    if _layer_recipes.get() is None or not torch.is_grad_enabled():
         return original(x)
     # Inside, the norm keeps its input and, when its weight trains (full fine-tuning), the normalized input too:
     # checkpointed, it keeps only its input (which the residual stream holds anyway) and runs again in the backward

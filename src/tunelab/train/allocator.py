@@ -116,8 +116,7 @@ def plan_allocator(choice: str, *, environ: dict[str, str] | None = None, gpu_pr
             return AllocatorPlan("system", f"auto: the system allocator ({system_name}: tunelab preloads one on Linux)")
         raise ConfigError(f"train.cpu_allocator: {choice} is preloaded with LD_PRELOAD, which tunelab does on Linux "
                           f"only; this is {system_name}. Use auto or system")
-    if any(Path(item).name.startswith(("libjemalloc", "libmimalloc", "libtcmalloc")) for item in preloaded.split(":")
-           if item):
+    if any(allocator_of(item) for item in preloaded.split(":") if item):
         return AllocatorPlan("system", f"{choice}: LD_PRELOAD already names an allocator ({preloaded}); kept")
     if choice == "auto":
         if gpu_device_present() if gpu_present is None else gpu_present:
@@ -169,8 +168,15 @@ def allocator_in_use(maps: str | None = None) -> str:
             maps = Path("/proc/self/maps").read_text()
         except OSError:
             return "system"
-    mapped = {Path(line.split()[-1]).name for line in maps.splitlines() if "/" in line}
-    return next((name for name in ALLOCATORS if any(m.startswith(f"lib{name}") for m in mapped)), "system")
+    return next((name for line in maps.splitlines() if "/" in line if (name := allocator_of(line.split()[-1]))),
+                "system")
+
+
+def allocator_of(library: str) -> str | None:
+    """The key of :data:`ALLOCATORS` a library path or file name belongs to (``libtcmalloc_minimal.so.4`` ->
+    ``tcmalloc``), or None."""
+    filename = Path(library).name
+    return next((name for name in ALLOCATORS if filename.startswith(f"lib{name}")), None)
 
 
 def describe_allocator(choice: str) -> dict[str, str]:
