@@ -2,8 +2,10 @@
 # One prepared pass on a lent GPU machine (under 10 minutes), most important first: QLoRA vs LoRA memory, padded vs
 # padding-free vs a plain HF Trainer, MFU at real shapes (1.5B full, Llama-3-8B-shape LoRA), then the speed options.
 # Each part has its own time limit and log under $OUT, so one failure leaves the others' numbers.
-# Carried: .whl (pydantic, liger-kernel), .whl2 (transformers 5.24, peft 0.21.2, tokenizers) and .bnb (bitsandbytes
-# 0.50.2 unpacked, CUDA 13.0 and CPU libraries only, to fit the carry limit). Usage: bash bench/gpu_device_run.sh
+# Carried: .whl (pydantic, liger-kernel), .whl2 (transformers 5.24, peft 0.21.2, tokenizers), .bnb (bitsandbytes
+# 0.50.2 unpacked, CUDA 13.0 and CPU libraries only, to fit the carry limit) and, for the `peers` part, .whlf
+# (LLaMA-Factory 0.9.5 with its pins: transformers 5.6.0, peft 0.18.1, trl 0.24.0, datasets 4.0.0, accelerate 1.11.0,
+# tokenizers 0.22.2, dill, multiprocess, omegaconf, opentelemetry-api). Usage: bash bench/gpu_device_run.sh
 set -u
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl .whl2/*.whl 2>&1 | tail -2
@@ -20,7 +22,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, keep the log, show t
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit=$? in $((SECONDS - start)) s"
   grep -E "^RESULT|^\||Error|error:|Traceback" "$OUT/$name.log" | grep -v "^| *$" | tail -14
 }
-has() { [[ " ${PARTS:-methods sft mfu} " == *" $1 "* ]]; }  # PARTS picks the parts, in this order
+has() { [[ " ${PARTS:-methods sft mfu} " == *" $1 "* ]]; }  # PARTS picks the parts; they run in this file's order
 MFU="python3 bench/gpu_mfu.py --seq 4096 --batch 2 --steps ${MFU_STEPS:-10} --samples 500 --out /tmp/mfu"
 if has methods; then
   part methods 90 python3 bench/gpu_methods.py --shape qwen2.5-1.5b --methods lora,qlora,qlora8 --steps 10 \
@@ -36,17 +38,23 @@ if has mfu; then
   part mfu 220 $MFU --runs qwen2.5-1.5b:full,llama3-8b:lora
   cp /tmp/mfu/mfu.json "$OUT/mfu.json" 2>/dev/null
 fi
-if has lora8b; then  # Llama-3-8B shape, LoRA: eager, then torch.compile (one process: compile is undone after a run)
-  part lora8b 170 $MFU --runs llama3-8b:lora,llama3-8b:lora+train.torch_compile=true
-  cp /tmp/mfu/mfu.json "$OUT/mfu-lora8b.json" 2>/dev/null
-fi
 if has liger; then  # its own process: liger-kernel patches the modeling modules for the whole process
   part liger 170 $MFU --runs "${LIGER_RUNS:-llama3-8b:lora+train.liger_kernel=true,llama3-8b:lora+train.liger_kernel=true+train.torch_compile=true,qwen2.5-3b:full+train.liger_kernel=true+train.torch_compile=true}"
   cp /tmp/mfu/mfu.json "$OUT/mfu-liger.json" 2>/dev/null
 fi
 if has full; then  # full fine-tuning of the 1.5B and 3B shapes
-  part full 120 $MFU --runs qwen2.5-1.5b:full,qwen2.5-3b:full+train.torch_compile=true
+  part full "${FULL_LIMIT:-120}" $MFU --runs "${FULL_RUNS:-qwen2.5-1.5b:full,qwen2.5-3b:full+train.torch_compile=true}"
   cp /tmp/mfu/mfu.json "$OUT/mfu-full.json" 2>/dev/null
+fi
+if has peers; then  # tunelab vs LLaMA-Factory (its own pinned stack, carried as wheels in .whlf) on one GPU
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lf .whlf/*.whl 2>&1 | tail -2
+  part peers "${PEERS_LIMIT:-240}" python3 bench/gpu_peers.py --lf-path /tmp/lf --shape "${PEERS_SHAPE:-qwen2.5-1.5b}" \
+    --out /tmp/peers ${PEERS_ROWS:+--rows "$PEERS_ROWS"}
+  cp /tmp/peers/peers.json /tmp/peers/peers.md "$OUT/" 2>/dev/null
+fi
+if has lora8b; then  # Llama-3-8B shape, LoRA: eager, then torch.compile (one process: compile is undone after a run)
+  part lora8b "${LORA8B_LIMIT:-170}" $MFU --runs "${LORA8B_RUNS:-llama3-8b:lora,llama3-8b:lora+train.torch_compile=true}"
+  cp /tmp/mfu/mfu.json "$OUT/mfu-lora8b.json" 2>/dev/null
 fi
 if has profile; then  # where a step's time goes (2 recorded steps)
   part profile 90 python3 bench/gpu_profile.py --shape "${PROFILE_SHAPE:-llama3-8b}" --method "${PROFILE_METHOD:-lora}" \

@@ -65,8 +65,12 @@ def vm_hwm_mb() -> float:
 class Meter:
     """Counts what each optimizer step is fed and times the steps; installed into ``transformers.Trainer``."""
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, synchronize: Any = None) -> None:
         self.pad_id = pad_id
+        # On a GPU a step's kernels are still running when on_step_end is called; waiting for them makes each step's
+        # interval its own work (the sum over the run is the same either way).
+        self.synchronize = synchronize
+        self.gpu_at_train_begin = 0.0
         self.step_end: list[float] = []
         self.step_end_cpu: list[float] = []
         self.real: list[int] = []
@@ -79,6 +83,15 @@ class Meter:
         self.rss_at_train_begin = 0.0
         self._pending = [0, 0, 0, 0]
         self.trainer: Any = None
+
+    def gpu_allocated(self) -> float:
+        """MB the GPU holds for tensors now (weights and whatever the tool made before training): the base that
+        ``peak_gpu_allocated_mb`` minus it leaves the training's own peak (activations, gradients, optimizer)."""
+        if self.synchronize is None or "torch" not in sys.modules:
+            return 0.0
+        import torch
+
+        return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
     def count(self, inputs: dict[str, Any]) -> None:
         ids = inputs["input_ids"]
@@ -96,10 +109,13 @@ class Meter:
         class MeterCallback(TrainerCallback):
             def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 meter.rss_at_train_begin = vm_hwm_mb()
+                meter.gpu_at_train_begin = meter.gpu_allocated()
                 meter.train_begin = time.perf_counter()
                 meter.train_begin_cpu = time.process_time()
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if meter.synchronize is not None:
+                    meter.synchronize()
                 meter.step_end.append(time.perf_counter())
                 meter.step_end_cpu.append(time.process_time())
                 for bucket, value in zip((meter.real, meter.supervised, meter.slots, meter.rows), meter._pending,
@@ -160,6 +176,7 @@ class Meter:
             "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             if trainer is not None else None,
             "rss_at_train_begin_mb": round(self.rss_at_train_begin, 1),
+            "gpu_allocated_at_train_begin_mb": round(self.gpu_at_train_begin, 1),
         }
 
 
@@ -203,7 +220,11 @@ def run_tunelab(args: argparse.Namespace, work: Path, out: Path) -> None:
     batching, dtype = {"padding_free": ("padding_free", "fp32"), "padded": ("padded", "fp32"),
                        "padding_free_bf16": ("padding_free", "bf16"), "packed": ("packed", "fp32"),
                        "padding_free_gc": ("padding_free", "fp32"),
-                       "padding_free_glibc": ("padding_free", "fp32")}[args.mode]
+                       "padding_free_glibc": ("padding_free", "fp32"),
+                       "padding_free_nolean": ("padding_free", "fp32"),
+                       "padding_free_compile": ("padding_free", "fp32")}[args.mode]
+    if args.device == "cuda":  # every tool trains a bf16 model on the GPU (LLaMA-Factory's bf16=True)
+        dtype = "bf16"
     overrides = [
         f"model.name_or_path={work / 'model'}", f"model.dtype={dtype}",
         f"data.datasets=[{{path: '{work / 'data-tunelab-order.jsonl'}'}}]", "data.seed=0", "data.template=chatml",
@@ -216,10 +237,17 @@ def run_tunelab(args: argparse.Namespace, work: Path, out: Path) -> None:
         "train.lr_scheduler_type=constant", "train.warmup_ratio=0.0", f"train.learning_rate={args.lr}",
         f"train.seed={args.seed}", f"train.gradient_checkpointing={str(args.mode.endswith('_gc')).lower()}",
         f"train.cpu_allocator={tunelab_allocator(args.mode)}",
+        *TUNELAB_MODE_OVERRIDES.get(args.mode, []),
         # extra tunelab settings for an A/B run by hand, e.g. TUNELAB_BENCH_OVERRIDES="train.lean_activations=false"
         *os.environ.get("TUNELAB_BENCH_OVERRIDES", "").split(),
     ]
     run_training(load_config(None, overrides))
+
+
+# tunelab modes that change one setting of the default, for A/B rows (e.g. on a GPU, where the step can be bound by
+# host-side work rather than the device)
+TUNELAB_MODE_OVERRIDES = {"padding_free_nolean": ["train.lean_activations=false"],
+                          "padding_free_compile": ["train.torch_compile=true"]}
 
 
 def tunelab_allocator(mode: str) -> str:
@@ -274,8 +302,8 @@ def run_llamafactory(args: argparse.Namespace, work: Path, out: Path) -> None:
         finetuning_type=args.method, output_dir=str(out / "output"), overwrite_output_dir=True,
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps, logging_steps=1,
-        save_strategy="no", report_to="none", seed=args.seed, bf16=False, fp16=False, plot_loss=False,
-        disable_tqdm=True, dataloader_num_workers=0,
+        save_strategy="no", report_to="none", seed=args.seed, bf16=args.device == "cuda", fp16=False,
+        plot_loss=False, disable_tqdm=True, dataloader_num_workers=0,
     )
     if args.method == "lora":
         config.update(lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_target="all")
@@ -304,6 +332,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: bf16 on the GPU (tunelab and LLaMA-Factory), peak GPU memory recorded")
     args = parser.parse_args()
     if args.tool == "tunelab":  # what `tunelab train` does first, before torch is imported
         from tunelab.train.allocator import reexec_with_allocator
@@ -312,7 +342,7 @@ def main() -> None:
     work, out = Path(args.work).resolve(), Path(args.run_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     pad_id = json.loads((work / "model" / "config.json").read_text())["pad_token_id"]
-    meter = Meter(pad_id)
+    meter = Meter(pad_id, synchronize=cuda_synchronize if args.device == "cuda" else None)
     meter.install()
     if args.mode not in PACKING_MODES:  # packed rows come in the tool's own packing order, shuffled as it does
         same_order_for_every_tool()
@@ -323,7 +353,7 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - started, 2), "peak_rss_mb": round(vm_hwm_mb(), 1),
         "peak_rss_children_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "versions": versions(), "python": sys.version.split()[0], "torch_threads": _threads(),
-        "pid": os.getpid(), "allocator": mapped_allocator(),
+        "pid": os.getpid(), "allocator": mapped_allocator(), "device": args.device, **gpu_memory(args.device),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print("RESULT " + json.dumps(result))
@@ -336,6 +366,23 @@ def mapped_allocator() -> str:
     names = {Path(line.split()[-1]).name for line in maps.splitlines() if "/" in line}
     return next((n for n in ("jemalloc", "mimalloc", "tcmalloc") if any(m.startswith(f"lib{n}") for m in names)),
                 "glibc")
+
+
+def cuda_synchronize() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def gpu_memory(device: str) -> dict[str, Any]:
+    """Peak GPU memory of the whole run (model, optimizer state and activations) and the GPU's name."""
+    if device != "cuda":
+        return {}
+    import torch
+
+    return {"gpu": torch.cuda.get_device_name(0),
+            "peak_gpu_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "peak_gpu_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
 
 
 def _threads() -> int:

@@ -291,3 +291,100 @@ def test_liger_kernel_with_torch_compile_is_refused_with_the_measured_reason():
     message = liger_setting_problem(config.train)
     assert message.startswith("train.liger_kernel: cannot be combined with train.torch_compile")
     assert liger_setting_problem(load_config(None, ["train.torch_compile=true"]).train) == ""
+
+
+def test_trainer_per_step_values_match_transformers_without_walking_the_model(tiny_model, tmp_path):
+    """tunelab's Trainer keeps the parameter count behind total_flos and the trainable parameters it clips instead of
+    walking the module tree at every step; the values must stay exactly transformers' own."""
+    from transformers import Trainer, TrainingArguments
+
+    from tunelab.config.schema import ModelConfig
+    from tunelab.models.load import load_model
+    from tunelab.train.trainer import TunelabTrainer
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_model), dtype="fp32"))
+    for name, parameter in model.named_parameters():  # a partly frozen model, as with freeze or LoRA
+        parameter.requires_grad_("layers.0." not in name)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_grad_norm=0.5)
+    trainer = TunelabTrainer(model=model, args=args)
+    inputs = {"input_ids": torch.ones(3, 7, dtype=torch.long)}
+    expected = Trainer.floating_point_ops(trainer, inputs)
+    assert trainer.floating_point_ops(inputs) == expected > 0
+    counted = []
+    model.num_parameters = lambda **kwargs: counted.append(kwargs)  # type: ignore[method-assign]
+    # a later step (another batch shape) uses the kept count: no walk, and transformers' formula
+    assert trainer.floating_point_ops({"input_ids": torch.ones(2, 5, dtype=torch.long)}) == expected // 21 * 10
+    assert counted == []
+
+    generator = torch.Generator().manual_seed(0)
+    grads = {n: torch.randn(p.shape, generator=generator) for n, p in model.named_parameters() if p.requires_grad}
+
+    def clipped(clip: typing.Any) -> tuple[float, dict[str, torch.Tensor]]:
+        for name, parameter in model.named_parameters():
+            parameter.grad = grads[name].clone() if name in grads else None
+        norm = clip(model)
+        return float(norm), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours, ours_grads = clipped(trainer._clip_grad_norm)
+    theirs, their_grads = clipped(lambda m: Trainer._clip_grad_norm(trainer, m))
+    assert ours == theirs > 0.5
+    assert ours_grads.keys() == their_grads.keys() == grads.keys()
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_input_casts_left_to_autocast_change_no_bit(tiny_model, tmp_path, monkeypatch, use_dora):
+    """Under bf16 autocast tunelab's Trainer stops peft casting each LoRA layer's bf16 input to the fp32 adapter's
+    dtype (autocast casts it straight back): the same loss and gradients bit for bit, fewer copies. DoRA layers keep
+    the cast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import TrainingArguments
+
+    from tunelab.config.schema import MethodConfig, ModelConfig
+    from tunelab.data.packing import FlatCollator
+    from tunelab.models.load import load_model
+    from tunelab.models.methods import apply_method
+    from tunelab.train import trainer as trainer_module
+    from tunelab.train.loss import supervised_lm_loss
+    from tunelab.train.trainer import TunelabTrainer
+
+    class CountCopies(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.copies += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_model), dtype="bf16"))
+    model = apply_method(model, MethodConfig(name="dora" if use_dora else "lora", lora={"dropout": 0.0}))
+    adapters = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=True)
+    batch = FlatCollator()([{"input_ids": ids, "labels": ids} for ids in ([5, 9, 14, 30, 7], [8, 3, 2, 11])])
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        model.zero_grad()
+        trainer = TunelabTrainer(model=model, args=args, loss_fn=supervised_lm_loss)
+        torch.manual_seed(0)  # the same LoRA dropout masks
+        with CountCopies() as counter:
+            loss = trainer.compute_loss(model, dict(batch))
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, \
+            counter.copies
+
+    skipped_loss, skipped_grads, skipped_copies = loss_and_grads()
+    assert all(layer.cast_input_dtype_enabled for layer in trainer_module.plain_lora_layers(model))  # restored
+    monkeypatch.setattr(trainer_module, "plain_lora_layers", lambda model: [])  # peft's own casts
+    cast_loss, cast_grads, cast_copies = loss_and_grads()
+    assert torch.equal(skipped_loss, cast_loss)
+    assert skipped_grads.keys() == cast_grads.keys() and len(cast_grads) == len(adapters)
+    for name, grad in cast_grads.items():
+        assert torch.equal(skipped_grads[name], grad), name
+    if use_dora:
+        assert skipped_copies == cast_copies
+    else:
+        # two casts of the input per adapted layer (peft's to fp32, autocast's back), forward and backward
+        assert skipped_copies <= cast_copies - 2 * len(adapters) // 2

@@ -3,11 +3,13 @@ supplies the loss (``loss_fn``; without one, the model's own)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch.autograd.graph import save_on_cpu
 from transformers import Trainer
 
@@ -16,6 +18,9 @@ from tunelab.errors import RunError
 from tunelab.train.meter import FedBatches
 
 LossFn = Callable[[Any, dict[str, Any], Any], torch.Tensor]
+# Where every process holds the whole model, so the trainable parameters are plain tensors of it (not FSDP's flat
+# shards, which accelerate recognises by the model's full parameter list, nor DeepSpeed's, which clips itself).
+_WHOLE_MODEL = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 
 
 class TunelabTrainer(Trainer):
@@ -33,6 +38,11 @@ class TunelabTrainer(Trainer):
         self._restored_tokens = 0
         self._new_tokens: torch.Tensor | None = None
         self._count_restored = False
+        # Fixed for the life of one Trainer (the hybrid schedule builds a new one when it adds adapters), and walked
+        # by Trainer at every step otherwise: see floating_point_ops and _clip_grad_norm.
+        self._non_embedding_parameters: int | None = None
+        self._trainable: list[torch.nn.Parameter] | None = None
+        self._casting_adapters: list[Any] | None = None
 
     @property
     def supervised_tokens_seen(self) -> int:
@@ -63,6 +73,30 @@ class TunelabTrainer(Trainer):
         with save_on_cpu(pin_memory=torch.cuda.is_available()):
             return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    @contextlib.contextmanager
+    def _adapter_input_casts_skipped(self) -> Iterator[None]:
+        """Under autocast mixed precision, peft casts each LoRA layer's bf16/fp16 input to its fp32 adapter's dtype and
+        autocast casts it straight back for the matmul: two copies of the layer's input per adapted linear layer (7
+        per decoder layer with ``all-linear``), for the same values. The round trip is exact, so skipping it changes
+        no loss or gradient bit (tested, with the copies counted). What it saves is memory traffic and kernel
+        launches on a GPU; no speed change is visible on a CPU, and the GPU gain is not measured yet. Entered only
+        inside the autocast the lean loss runs under, so a bf16 input never meets an fp32 weight outside autocast.
+        With LoRA dropout the masks are drawn on the bf16 input instead of its fp32 copy: the same distribution,
+        another draw."""
+        device = self.accelerator.device.type
+        if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == torch.float32:
+            yield
+            return
+        if self._casting_adapters is None:
+            self._casting_adapters = plain_lora_layers(self.model)
+        for layer in self._casting_adapters:
+            layer.cast_input_dtype_enabled = False
+        try:
+            yield
+        finally:
+            for layer in self._casting_adapters:
+                layer.cast_input_dtype_enabled = True
+
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
         # No KV cache in training: it only costs memory, and transformers skips its packed-sequence detection
         # whenever a cache exists (flex_attention relies on that detection for flat rows).
@@ -75,12 +109,31 @@ class TunelabTrainer(Trainer):
         # loss calls the decoder body and the head directly, so it enters the same autocast itself: without it a bf16
         # run with fp32 master weights (full fine-tuning) did every matmul in fp32 (4.6% MFU on an H200), and LoRA's
         # fp32 adapters cast each layer's input to fp32.
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self._adapter_input_casts_skipped():
             loss = self.loss_fn(model, inputs, num_items_in_batch)
         # As in Trainer.compute_loss: with the token count summed over all processes, scale back up.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    # Trainer walks the whole module tree twice per step for values that never change within a run: the parameter
+    # count behind ``total_flos`` and the parameter list it clips, frozen weights included. For a 28-layer LoRA model
+    # (730 tensors in 2,333 modules) that is ~10 ms of host time a step on the CI machine; with short samples on a
+    # GPU the step is bound by host time (bench/RESULTS.md, "GPU pass 4").
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        if self._non_embedding_parameters is None:
+            self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._non_embedding_parameters
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        if self.accelerator.distributed_type not in _WHOLE_MODEL:
+            return super()._clip_grad_norm(model)
+        if self._trainable is None:
+            self._trainable = [p for p in model.parameters() if p.requires_grad]
+        return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "eval_loss" not in logs:
@@ -100,3 +153,15 @@ class TunelabTrainer(Trainer):
             if "supervised_tokens" in entry:
                 self._restored_tokens = int(entry["supervised_tokens"])
                 return
+
+
+def plain_lora_layers(model: Any) -> list[Any]:
+    """peft LoRA layers whose input cast can be left to autocast: DoRA's magnitude path mixes the input with fp32
+    tensors outside any matmul, so DoRA layers keep peft's cast."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    return [module for module in model.modules() if isinstance(module, LoraLayer)
+            and getattr(module, "cast_input_dtype_enabled", None) is True
+            and not any(getattr(module, "use_dora", {}).values())]
