@@ -59,7 +59,7 @@ fi
 if has profile; then  # where a step's time goes (2 recorded steps)
   part profile 90 python3 bench/gpu_profile.py --shape "${PROFILE_SHAPE:-llama3-8b}" --method "${PROFILE_METHOD:-lora}" \
     --extra "${PROFILE_EXTRA:-}" --out /tmp/mfu
-  grep -v "^RESULT" "$OUT/profile.log" | grep -E "^-|^Name|^ |Self|median" | head -60
+  grep -v "^RESULT" "$OUT/profile.log" | grep -E "^-|^Name|^ |Self|median|per recorded" | head -60
 fi
 if [ -n "${SPEED_EXTRA:-}" ]; then  # the speed options (torch.compile, 8-bit optimizer, offload) on the 1.5B model
   part options 130 $MFU --runs "$SPEED_EXTRA"

@@ -2,7 +2,9 @@
 
 Builds a model of a real shape as ``gpu_mfu.py`` does (random bf16 weights, no network), runs ``tunelab train``
 for a few packed steps under the profiler and prints two tables: operators by self CUDA time and by self CPU time.
-Use it when a setting's MFU is far below its peers' (e.g. full fine-tuning vs LoRA at the same shape).
+Use it when a setting's MFU is far below its peers' (e.g. full fine-tuning vs LoRA at the same shape). The first
+line says how busy the GPU was during a recorded step; for the short padding-free steps of the GPU peer bench:
+``--method lora --extra data.batching=padding_free,train.per_device_train_batch_size=8``.
 
     python bench/gpu_profile.py [--shape qwen2.5-1.5b] [--method full] [--steps 5] [--seq 4096] [--batch 2]
 """
@@ -54,9 +56,21 @@ def main() -> None:
     print(f"median step {summary.get('median_step_s')} s, {summary.get('real_tokens')} real tokens, "
           f"steps {summary.get('steps')}")
     averages = profiler.key_averages()
+    print(host_or_device(averages, recorded_steps=2))
     if torch.cuda.is_available():
         print(averages.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+def host_or_device(averages: object, recorded_steps: int) -> str:
+    """A recorded step's length against the time the GPU spent in kernels: far apart means the step waits on the host
+    (Python, dispatch, launches), as with short padding-free steps of a 1.5B model (bench/RESULTS.md, GPU pass 4)."""
+    step = sum(e.cpu_time_total for e in averages if e.key.startswith("ProfilerStep")) / 1e3 / recorded_steps
+    if not torch.cuda.is_available():
+        return f"per recorded step: {step:.1f} ms"
+    busy = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+               for e in averages) / 1e3 / recorded_steps
+    return f"per recorded step: {step:.1f} ms, of which GPU kernels {busy:.1f} ms ({busy / step:.0%} busy)"
 
 
 if __name__ == "__main__":
