@@ -333,8 +333,8 @@ def test_trainer_per_step_values_match_transformers_without_walking_the_model(ti
         torch.testing.assert_close(ours_grads[name], grad, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_lora_input_casts_left_to_autocast_change_no_bit(tiny_model, tmp_path, monkeypatch, use_dora):
+@pytest.mark.parametrize(("use_dora", "checkpointing"), [(False, False), (True, False), (False, True)])
+def test_lora_input_casts_left_to_autocast_change_no_bit(tiny_model, tmp_path, monkeypatch, use_dora, checkpointing):
     """Under bf16 autocast tunelab's Trainer stops peft casting each LoRA layer's bf16 input to the fp32 adapter's
     dtype (autocast casts it straight back): the same loss and gradients bit for bit, fewer copies. DoRA layers keep
     the cast."""
@@ -362,6 +362,13 @@ def test_lora_input_casts_left_to_autocast_change_no_bit(tiny_model, tmp_path, m
     model = apply_method(model, MethodConfig(name="dora" if use_dora else "lora", lora={"dropout": 0.0}))
     adapters = [p for n, p in model.named_parameters() if p.requires_grad]
     assert adapters and all(p.dtype == torch.float32 for p in adapters)
+    if checkpointing:  # the recomputation in the backward pass runs outside the skip, with peft's casts
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # as in training (checkpointing applies only then)
+    layer_calls = []
+    mlp = model.base_model.model.model.layers[0].mlp
+    mlp_forward = mlp.forward  # counted by wrapping: forward hooks do not run again when checkpointing recomputes
+    mlp.forward = lambda x: (layer_calls.append(1), mlp_forward(x))[1]
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=True)
     batch = FlatCollator()([{"input_ids": ids, "labels": ids} for ids in ([5, 9, 14, 30, 7], [8, 3, 2, 11])])
 
@@ -376,6 +383,7 @@ def test_lora_input_casts_left_to_autocast_change_no_bit(tiny_model, tmp_path, m
             counter.copies
 
     skipped_loss, skipped_grads, skipped_copies = loss_and_grads()
+    assert len(layer_calls) == (2 if checkpointing else 1)  # checkpointing recomputes the layer in the backward pass
     assert all(layer.cast_input_dtype_enabled for layer in trainer_module.plain_lora_layers(model))  # restored
     monkeypatch.setattr(trainer_module, "plain_lora_layers", lambda model: [])  # peft's own casts
     cast_loss, cast_grads, cast_copies = loss_and_grads()
@@ -385,6 +393,8 @@ def test_lora_input_casts_left_to_autocast_change_no_bit(tiny_model, tmp_path, m
         assert torch.equal(skipped_grads[name], grad), name
     if use_dora:
         assert skipped_copies == cast_copies
+    elif checkpointing:
+        assert skipped_copies < cast_copies
     else:
         # two casts of the input per adapted layer (peft's to fp32, autocast's back), forward and backward
         assert skipped_copies <= cast_copies - 2 * len(adapters) // 2
