@@ -1,6 +1,6 @@
 """tunelab vs LLaMA-Factory on one GPU: the peer bench's SFT job on a bf16 model of real shape.
 
-    python bench/gpu_peers.py --lf-path /tmp/lf [--shape qwen2.5-1.5b] [--steps 20] [--cutoff 4096]
+    python bench/gpu_peers.py --lf-path /tmp/lf [--shape llama3-8b] [--steps 20] [--cutoff 4096]
 
 The job of ``sft_vs_peers.py`` (the same mixed-length zh/en chat data, LoRA r8 on all linear layers, batch 8, loss on
 assistant turns, constant learning rate, seed 0, every tool reading the samples in the same order), on a model
@@ -158,7 +158,7 @@ def markdown(table: list[dict], goal: dict, args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lf-path", required=True, help="folder with LLaMA-Factory's pinned packages")
-    parser.add_argument("--shape", default="qwen2.5-1.5b")
+    parser.add_argument("--shape", default="llama3-8b", help="a gpu_mfu.SHAPES name; issue 6 asks for a 7-8B shape")
     parser.add_argument("--rows", default="llamafactory:padded,tunelab:padding_free,llamafactory:neat_packing_nogc,"
                                           "tunelab:padding_free", help="tool:mode runs, in the order they run")
     parser.add_argument("--samples", type=int, default=400)
