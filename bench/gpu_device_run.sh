@@ -48,7 +48,7 @@ if has full; then  # full fine-tuning of the 1.5B and 3B shapes
 fi
 if has peers; then  # tunelab vs LLaMA-Factory (its own pinned stack, carried as wheels in .whlf) on one GPU
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lf .whlf/*.whl 2>&1 | tail -2
-  part peers "${PEERS_LIMIT:-240}" python3 bench/gpu_peers.py --lf-path /tmp/lf --shape "${PEERS_SHAPE:-llama3-8b}" \
+  part peers "${PEERS_LIMIT:-420}" python3 bench/gpu_peers.py --lf-path /tmp/lf --shape "${PEERS_SHAPE:-llama3-8b}" \
     --out /tmp/peers ${PEERS_ROWS:+--rows "$PEERS_ROWS"}
   cp /tmp/peers/peers.json /tmp/peers/peers.md "$OUT/" 2>/dev/null
 fi

@@ -12,7 +12,7 @@ LLaMA-Factory runs from its own pinned stack (transformers 5.6, peft 0.18.1, trl
 1.11), put first on ``PYTHONPATH`` from ``--lf-path``; tunelab from the environment this script runs in.
 
 Targets (issue 6): real tokens/s at least 2x LLaMA-Factory's default, and peak memory per token at most half of
-its. Memory per token is a run's peak allocated memory over the real tokens of its median step, so tools that
+its. Memory per token is a run's peak allocated memory over its mean real tokens per timed step, so tools that
 put different numbers of tokens in a step (LLaMA-Factory's packing) compare fairly.
 """
 
@@ -69,12 +69,16 @@ def run_one(tool: str, mode: str, rep: int, args: argparse.Namespace) -> dict:
                "--cutoff", str(args.cutoff), "--lr", str(args.lr), "--seed", "0", "--warmup", str(args.warmup),
                "--device", args.device]
     with open(run_dir / "log.txt", "w") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=args.run_timeout)
+        try:
+            code: int | str = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                             timeout=args.run_timeout).returncode
+        except subprocess.TimeoutExpired:  # one slow run must not cost the others' numbers
+            code = f"timed out after {args.run_timeout:.0f} s"
     result_file = run_dir / "result.json"
-    if done.returncode or not result_file.is_file():
+    if code or not result_file.is_file():
         tail = (run_dir / "log.txt").read_text(errors="replace")[-2500:]
-        print(f"FAILED {tool} {mode} rep {rep} (exit {done.returncode}):\n{tail}", flush=True)
-        return {"tool": tool, "mode": mode, "error": tail[-400:]}
+        print(f"FAILED {tool} {mode} rep {rep} ({code}):\n{tail}", flush=True)
+        return {"tool": tool, "mode": mode, "error": f"{code}: {tail[-400:]}"}
     result = json.loads(result_file.read_text())
     # a CPU dry run (--device cpu) has no GPU memory to read: its peak RSS stands in
     result.setdefault("peak_gpu_allocated_mb", result["peak_rss_mb"])
@@ -133,14 +137,16 @@ def targets(table: list[dict]) -> dict:
 
 
 def markdown(table: list[dict], goal: dict, args: argparse.Namespace) -> str:
+    gpu = next((row["gpu"] for row in table if row.get("gpu")), "")
     lines = [f"Shape {args.shape}, LoRA r8 all-linear, batch {args.batch}, cutoff {args.cutoff}, {args.steps} steps "
-             f"({args.warmup} warm-up left out), bf16, {table[0].get('gpu') if table else ''}",
+             f"({args.warmup} warm-up left out), bf16, {gpu}",
              "", "| run | real tok/s | sup. tok/s | median step s | real tok/step | padding eff. | peak alloc MB | "
              "MB per 1k tok/step | training's own MB (per 1k tok) | final loss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table:
         if "error" in row:
-            lines.append(f"| {row['tool']} {row['mode']} | failed: {row['error'][-120:]!r} |")
+            error = row["error"][-120:].replace("|", "/").replace("\n", " ")
+            lines.append(f"| {row['tool']} {row['mode']} | failed: {error} |")
             continue
         lines.append(f"| {row['label']} | {row['real_tokens_per_s']:,.0f} | {row['supervised_tokens_per_s']:,.0f} | "
                      f"{row['median_step_s']} | {row['real_tokens_per_step']:,.0f} | {row['padding_efficiency']} | "
@@ -159,7 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lf-path", required=True, help="folder with LLaMA-Factory's pinned packages")
     parser.add_argument("--shape", default="llama3-8b", help="a gpu_mfu.SHAPES name; issue 6 asks for a 7-8B shape")
-    parser.add_argument("--rows", default="llamafactory:padded,tunelab:padding_free,llamafactory:neat_packing_nogc,"
+    # LLaMA-Factory's neat_packing without checkpointing ran out of an H100's 80 GB at the 1.5B shape: not a default
+    parser.add_argument("--rows", default="llamafactory:padded,tunelab:padding_free,llamafactory:padded,"
                                           "tunelab:padding_free", help="tool:mode runs, in the order they run")
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--steps", type=int, default=20)
@@ -167,7 +174,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cutoff", type=int, default=4096)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--run-timeout", type=float, default=240)
+    parser.add_argument("--run-timeout", type=float, default=200)
     parser.add_argument("--out", default="/tmp/gpu-peers")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run of the plumbing")
     args = parser.parse_args()
@@ -179,12 +186,17 @@ def main() -> None:
     for rep, spec in enumerate(args.rows.split(",")):
         tool, mode = spec.split(":")
         runs.setdefault((tool, mode), []).append(run_one(tool, mode, rep, args))
+        text = write_report(work, runs, args)  # after every run: a device call cut short keeps what ran
+    print(text, flush=True)
+
+
+def write_report(work: Path, runs: dict[tuple[str, str], list[dict]], args: argparse.Namespace) -> str:
     table = summarise(runs)
     goal = targets(table)
     text = markdown(table, goal, args)
-    print(text, flush=True)
     (work / "peers.json").write_text(json.dumps({"args": vars(args), "table": table, "targets": goal}, indent=2))
     (work / "peers.md").write_text(text + "\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -266,8 +266,8 @@ def run_trl(args: argparse.Namespace, work: Path, out: Path) -> None:
     common = dict(
         output_dir=str(out / "output"), max_steps=args.steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-        logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, bf16=False, fp16=False,
-        use_cpu=True, disable_tqdm=True, assistant_only_loss=True, dataloader_num_workers=0,
+        logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, bf16=args.device == "cuda", fp16=False,
+        use_cpu=args.device == "cpu", disable_tqdm=True, assistant_only_loss=True, dataloader_num_workers=0,
         # SFTConfig turns gradient checkpointing on by default (unlike TrainingArguments); the *_nogc modes turn it off.
         gradient_checkpointing=not args.mode.endswith("_nogc"),
     )
@@ -333,7 +333,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cuda: bf16 on the GPU (tunelab and LLaMA-Factory), peak GPU memory recorded")
+                        help="cuda: bf16 on the GPU, peak GPU memory recorded")
     args = parser.parse_args()
     if args.tool == "tunelab":  # what `tunelab train` does first, before torch is imported
         from tunelab.train.allocator import reexec_with_allocator

@@ -78,24 +78,24 @@ class TunelabTrainer(Trainer):
         """Under autocast mixed precision, peft casts each LoRA layer's bf16/fp16 input to its fp32 adapter's dtype and
         autocast casts it straight back for the matmul: two copies of the layer's input per adapted linear layer (7
         per decoder layer with ``all-linear``), for the same values. The round trip is exact, so skipping it changes
-        no loss or gradient bit (tested, with the copies counted). What it saves is memory traffic and kernel
-        launches on a GPU; no speed change is visible on a CPU, and the GPU gain is not measured yet. Entered only
-        inside the autocast the lean loss runs under, so a bf16 input never meets an fp32 weight outside autocast.
-        With LoRA dropout the masks are drawn on the bf16 input instead of its fp32 copy: the same distribution,
-        another draw."""
+        no loss or gradient bit (tested, with the copies counted), also when gradient checkpointing recomputes a
+        layer with peft's casts. What it saves is memory traffic and kernel launches on a GPU; no speed change is
+        visible on a CPU, and the GPU gain is not measured yet. Entered only inside the autocast the lean loss runs
+        under, so a bf16 input never meets an fp32 weight outside autocast."""
         device = self.accelerator.device.type
         if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == torch.float32:
             yield
             return
         if self._casting_adapters is None:
             self._casting_adapters = plain_lora_layers(self.model)
+        previous = [layer.cast_input_dtype_enabled for layer in self._casting_adapters]
         for layer in self._casting_adapters:
             layer.cast_input_dtype_enabled = False
         try:
             yield
         finally:
-            for layer in self._casting_adapters:
-                layer.cast_input_dtype_enabled = True
+            for layer, enabled in zip(self._casting_adapters, previous, strict=True):
+                layer.cast_input_dtype_enabled = enabled
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
         # No KV cache in training: it only costs memory, and transformers skips its packed-sequence detection
@@ -128,6 +128,11 @@ class TunelabTrainer(Trainer):
             self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main_input].numel() * self._non_embedding_parameters
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        # Kept per training run: another train() on this Trainer may see other trainable parameters.
+        self._non_embedding_parameters, self._trainable, self._casting_adapters = None, None, None
+        return super().train(*args, **kwargs)
+
     def _clip_grad_norm(self, model: Any) -> Any:
         if self.accelerator.distributed_type not in _WHOLE_MODEL:
             return super()._clip_grad_norm(model)
@@ -156,12 +161,19 @@ class TunelabTrainer(Trainer):
 
 
 def plain_lora_layers(model: Any) -> list[Any]:
-    """peft LoRA layers whose input cast can be left to autocast: DoRA's magnitude path mixes the input with fp32
-    tensors outside any matmul, so DoRA layers keep peft's cast."""
+    """peft LoRA layers whose input cast can be left to autocast. Not DoRA layers: their magnitude path mixes the
+    input with fp32 tensors outside any matmul. Not layers with dropout: CUDA's dropout kernel can lay its random
+    numbers out by the tensor's vector width, so a mask drawn on the bf16 input in the forward need not match the one
+    gradient checkpointing redraws on peft's fp32 copy in the backward pass."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
         return []
     return [module for module in model.modules() if isinstance(module, LoraLayer)
-            and getattr(module, "cast_input_dtype_enabled", None) is True
-            and not any(getattr(module, "use_dora", {}).values())]
+            and hasattr(module, "cast_input_dtype_enabled")
+            and not any(getattr(module, "use_dora", {}).values())
+            and all(_no_dropout(dropout) for dropout in getattr(module, "lora_dropout", {}).values())]
+
+
+def _no_dropout(module: Any) -> bool:
+    return isinstance(module, torch.nn.Identity) or (isinstance(module, torch.nn.Dropout) and module.p == 0)
