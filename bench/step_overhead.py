@@ -9,6 +9,10 @@ per-operation overhead. Two numbers per setting, for one forward + backward of t
   GPU) are counted apart from the rest (about one kernel launch each on a GPU);
 - CPU-seconds (one thread), median of ``--steps`` steps, settings alternating so that drift hits all.
 
+It also times the walks over the model that transformers' Trainer makes at every step (the parameter count behind
+``total_flos``, ``zero_grad``, gradient clipping over every parameter), which tunelab's Trainer replaces by kept
+values where it can.
+
 Settings: tunelab's lean loss with ``train.lean_activations`` on (the default) and off, and transformers + peft's own
 forward with the model's loss over a padded batch (what a plain Trainer runs). The same 8 samples in each, LoRA r8 on
 all linear layers, dropout 0. On a CPU the padding-free attention runs one SDPA call per sample (on CUDA one varlen
@@ -107,6 +111,31 @@ def settings(folder: Path, dtype: str, out: str) -> dict[str, Any]:
     return runs
 
 
+def trainer_walks(folder: Path, repeats: int = 50) -> dict[str, float]:
+    """Milliseconds per call of the per-step walks over a LoRA model's module tree (frozen tensors included)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.grad = torch.zeros_like(parameter)
+
+    def per_call(work: Any) -> float:
+        work()
+        start = time.process_time()
+        for _ in range(repeats):
+            work()
+        return round(1000 * (time.process_time() - start) / repeats, 2)
+
+    return {"tensors": len(list(model.parameters())),
+            "parameter count (total_flos)": per_call(lambda: model.num_parameters(exclude_embeddings=True)),
+            "clip over every parameter": per_call(lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)),
+            "clip over the kept trainable list": per_call(lambda: torch.nn.utils.clip_grad_norm_(trainable, 1e9)),
+            "zero_grad": per_call(lambda: model.zero_grad(set_to_none=False))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -115,7 +144,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = settings(build(Path(tmp) / "model", args.layers), args.dtype, tmp)
+        folder = build(Path(tmp) / "model", args.layers)
+        walks = trainer_walks(folder)
+        runs = settings(folder, args.dtype, tmp)
         ops: dict[str, collections.Counter[str]] = {}
         for name, step in runs.items():
             step()  # warm-up
@@ -136,6 +167,9 @@ def main() -> None:
         total = sum(ops[name].values())
         views = sum(count for op, count in ops[name].items() if op in VIEW_OPS)
         print(f"| {name} | {total:,} | {views:,} | {1000 * statistics.median(seconds[name]):.1f} |")
+    print(f"\nWalks over the LoRA model ({walks.pop('tensors')} tensors), CPU ms per call:")
+    for name, ms in walks.items():
+        print(f"- {name}: {ms}")
 
 
 if __name__ == "__main__":

@@ -118,8 +118,8 @@ class TunelabTrainer(Trainer):
 
     # Trainer walks the whole module tree twice per step for values that never change within a run: the parameter
     # count behind ``total_flos`` and the parameter list it clips, frozen weights included. For a 28-layer LoRA model
-    # (730 tensors in 2,333 modules) that is ~10 ms of host time a step on the CI machine; with short samples on a
-    # GPU the step is bound by host time (bench/RESULTS.md, "GPU pass 4").
+    # (730 tensors in 2,333 modules) that is ~7 ms of host time a step on the CI machine (bench/step_overhead.py);
+    # with short samples on a GPU the step is bound by host time (bench/RESULTS.md, "GPU pass 4").
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input not in inputs or not hasattr(self.model, "num_parameters"):
