@@ -264,7 +264,8 @@ class TrainConfig(Section):
     """Decoder layers (Llama, Qwen2/3, Mistral) keep fewer tensors for the backward pass and remake the cheap ones
     there: the SwiGLU product and SiLU output, the RMSNorms' outputs and normalized inputs, and the padding-free
     attention's joined output. Same gradients bit for bit; on the peer bench's LoRA job (CPU) 23% less peak RSS
-    for about 5% slower steps (bench/RESULTS.md). Off by itself under ``torch_compile``, ``liger_kernel`` and
+    for about 5% slower steps (bench/RESULTS.md). Steps too short to keep the device busy pay more: 22–23% more host
+    time (bench/step_overhead.py). Off by itself under ``torch_compile``, ``liger_kernel`` and
     ``gradient_checkpointing``, which recompute in their own way."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory, about a third more compute.
