@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_mfu import build_model  # noqa: E402
-from sft_vs_peers import build_data, describe_data, write_llamafactory_dataset  # noqa: E402
+from sft_vs_peers import build_data, describe_data, runner_env, write_llamafactory_dataset  # noqa: E402
 
 RUNNER = Path(__file__).resolve().parent / "peer_runner.py"
 LABELS = {
@@ -60,8 +60,7 @@ def run_one(tool: str, mode: str, rep: int, args: argparse.Namespace) -> dict:
     work = Path(args.out)
     run_dir = work / "runs" / f"{tool}-{mode}-{rep}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf-datasets-cache"), "TOKENIZERS_PARALLELISM": "false",
-           "DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true"}
+    env = runner_env(work)
     if tool == "llamafactory":
         env["PYTHONPATH"] = os.pathsep.join(p for p in (args.lf_path, os.environ.get("PYTHONPATH")) if p)
     command = [sys.executable, str(RUNNER), "--tool", tool, "--mode", mode, "--method", "lora", "--work", str(work),

@@ -217,12 +217,7 @@ def run_tunelab(args: argparse.Namespace, work: Path, out: Path) -> None:
     from tunelab.config.load import load_config
     from tunelab.train.run import run_training
 
-    batching, dtype = {"padding_free": ("padding_free", "fp32"), "padded": ("padded", "fp32"),
-                       "padding_free_bf16": ("padding_free", "bf16"), "packed": ("packed", "fp32"),
-                       "padding_free_gc": ("padding_free", "fp32"),
-                       "padding_free_glibc": ("padding_free", "fp32"),
-                       "padding_free_nolean": ("padding_free", "fp32"),
-                       "padding_free_compile": ("padding_free", "fp32")}[args.mode]
+    batching, dtype, settings = TUNELAB_MODES[args.mode]
     if args.device == "cuda":  # every tool trains a bf16 model on the GPU (LLaMA-Factory's bf16=True)
         dtype = "bf16"
     overrides = [
@@ -235,23 +230,31 @@ def run_tunelab(args: argparse.Namespace, work: Path, out: Path) -> None:
         f"train.per_device_train_batch_size={args.batch}", "train.gradient_accumulation_steps=1",
         "train.logging_steps=1", "train.save_steps=100000", "train.report_to=none",
         "train.lr_scheduler_type=constant", "train.warmup_ratio=0.0", f"train.learning_rate={args.lr}",
-        f"train.seed={args.seed}", f"train.gradient_checkpointing={str(args.mode.endswith('_gc')).lower()}",
-        f"train.cpu_allocator={tunelab_allocator(args.mode)}",
-        *TUNELAB_MODE_OVERRIDES.get(args.mode, []),
+        f"train.seed={args.seed}", *settings,
         # extra tunelab settings for an A/B run by hand, e.g. TUNELAB_BENCH_OVERRIDES="train.lean_activations=false"
         *os.environ.get("TUNELAB_BENCH_OVERRIDES", "").split(),
     ]
     run_training(load_config(None, overrides))
 
 
-# tunelab modes that change one setting of the default, for A/B rows (e.g. on a GPU, where the step can be bound by
-# host-side work rather than the device)
-TUNELAB_MODE_OVERRIDES = {"padding_free_nolean": ["train.lean_activations=false"],
-                          "padding_free_compile": ["train.torch_compile=true"]}
+# tunelab's rows: mode -> (data.batching, model.dtype on a CPU, the settings that differ from tunelab's defaults).
+# The one-setting variants are A/B rows: memory (checkpointing, glibc's malloc) and host-bound GPU steps.
+TUNELAB_MODES: dict[str, tuple[str, str, list[str]]] = {
+    "padding_free": ("padding_free", "fp32", []),
+    "padded": ("padded", "fp32", []),
+    "packed": ("packed", "fp32", []),
+    "padding_free_bf16": ("padding_free", "bf16", []),
+    "padding_free_gc": ("padding_free", "fp32", ["train.gradient_checkpointing=true"]),
+    "padding_free_glibc": ("padding_free", "fp32", ["train.cpu_allocator=system"]),
+    "padding_free_nolean": ("padding_free", "fp32", ["train.lean_activations=false"]),
+    "padding_free_compile": ("padding_free", "fp32", ["train.torch_compile=true"]),
+}
 
 
 def tunelab_allocator(mode: str) -> str:
-    return "system" if mode.endswith("_glibc") else "auto"
+    """The train.cpu_allocator of a tunelab mode (the runner preloads it as `tunelab train` would)."""
+    settings = TUNELAB_MODES[mode][2]
+    return next((item.split("=", 1)[1] for item in settings if item.startswith("train.cpu_allocator=")), "auto")
 
 
 def run_trl(args: argparse.Namespace, work: Path, out: Path) -> None:

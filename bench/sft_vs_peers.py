@@ -277,6 +277,13 @@ def describe_data(work: Path, cutoff: int) -> dict:
 # ---- running and reporting -------------------------------------------------------------------------------------
 
 
+def runner_env(work: Path) -> dict[str, str]:
+    """The environment of every peer run: offline, no trackers, one datasets cache, and LLaMA-Factory's import-time
+    version check off (each tool runs on the versions it pins, installed here by hand)."""
+    return {**os.environ, "HF_DATASETS_CACHE": str(work / "hf-datasets-cache"), "TOKENIZERS_PARALLELISM": "false",
+            "DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true"}
+
+
 def run_one(tool: str, mode: str, method: str, rep: int, args: argparse.Namespace) -> dict:
     run_dir = Path(args.out) / "runs" / f"{tool}-{mode}-{method}-{rep}"
     if args.reuse and (run_dir / "result.json").is_file():
@@ -288,9 +295,7 @@ def run_one(tool: str, mode: str, method: str, rep: int, args: argparse.Namespac
                "--batch", str(args.batch), "--cutoff", str(args.cutoff), "--lr", str(LEARNING_RATE[method]),
                "--seed", "0", "--warmup", str(args.warmup)]
     threads = str(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-           "HF_DATASETS_CACHE": str(Path(args.out) / "hf-datasets-cache"), "TOKENIZERS_PARALLELISM": "false",
-           "DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true"}
+    env = {**runner_env(Path(args.out)), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if preload:  # the same library and setting tunelab's train.cpu_allocator would preload
         from tunelab.train.allocator import ALLOCATORS, find_allocator
 
