@@ -6,6 +6,8 @@
 # 0.50.2 unpacked, CUDA 13.0 and CPU libraries only, to fit the carry limit) and, for the `peers` part, .whlf
 # (LLaMA-Factory 0.9.5 with its pins: transformers 5.6.0, peft 0.18.1, trl 0.24.0, datasets 4.0.0, accelerate 1.11.0,
 # tokenizers 0.22.2, dill, multiprocess, omegaconf, opentelemetry-api). Usage: bash bench/gpu_device_run.sh
+# PARTS picks the parts, e.g. PARTS="peers profile" PEERS_ROWS=tool:mode,... PROFILES="shape:method:k=v,k=v;..."
+# (bench/RESULTS.md gives the exact commands of each GPU pass).
 set -u
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl .whl2/*.whl 2>&1 | tail -2
@@ -51,15 +53,21 @@ if has peers; then  # tunelab vs LLaMA-Factory (its own pinned stack, carried as
   part peers "${PEERS_LIMIT:-420}" python3 bench/gpu_peers.py --lf-path /tmp/lf --shape "${PEERS_SHAPE:-llama3-8b}" \
     --out /tmp/peers ${PEERS_ROWS:+--rows "$PEERS_ROWS"}
   cp /tmp/peers/peers.json /tmp/peers/peers.md "$OUT/" 2>/dev/null
+  # later parts reuse its model (gpu_mfu.py and gpu_profile.py look in their --out for model-SHAPE)
+  [ -f /tmp/peers/model/config.json ] && mkdir -p /tmp/mfu && ln -sfn /tmp/peers/model "/tmp/mfu/model-${PEERS_SHAPE:-llama3-8b}"
 fi
 if has lora8b; then  # Llama-3-8B shape, LoRA: eager, then torch.compile (one process: compile is undone after a run)
   part lora8b "${LORA8B_LIMIT:-170}" $MFU --runs "${LORA8B_RUNS:-llama3-8b:lora,llama3-8b:lora+train.torch_compile=true}"
   cp /tmp/mfu/mfu.json "$OUT/mfu-lora8b.json" 2>/dev/null
 fi
-if has profile; then  # where a step's time goes (2 recorded steps)
-  part profile 90 python3 bench/gpu_profile.py --shape "${PROFILE_SHAPE:-llama3-8b}" --method "${PROFILE_METHOD:-lora}" \
-    --extra "${PROFILE_EXTRA:-}" --out /tmp/mfu
-  grep -v "^RESULT" "$OUT/profile.log" | grep -E "^-|^Name|^ |Self|median|per recorded" | head -60
+if has profile; then  # where a step's time goes (2 recorded steps), for each shape:method:overrides in PROFILES
+  IFS=';' read -ra profiles <<< "${PROFILES:-llama3-8b:lora:}"
+  for i in "${!profiles[@]}"; do
+    IFS=':' read -r shape method extra <<< "${profiles[$i]}"
+    part "profile-$i" "${PROFILE_LIMIT:-90}" python3 bench/gpu_profile.py --shape "$shape" --method "$method" \
+      --extra "$extra" --out /tmp/mfu
+    grep -v "^RESULT" "$OUT/profile-$i.log" | grep -E "^-|^Name|^ |Self|median|per recorded" | head -28
+  done
 fi
 if [ -n "${SPEED_EXTRA:-}" ]; then  # the speed options (torch.compile, 8-bit optimizer, offload) on the 1.5B model
   part options 130 $MFU --runs "$SPEED_EXTRA"

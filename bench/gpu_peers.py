@@ -24,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,6 +36,7 @@ LABELS = {
     ("tunelab", "padding_free"): "tunelab, default (padding-free, eager)",
     ("tunelab", "padding_free_nolean"): "tunelab, default but train.lean_activations=false",
     ("tunelab", "padding_free_compile"): "tunelab, default + train.torch_compile=true",
+    ("tunelab", "padding_free_gc"): "tunelab, default + train.gradient_checkpointing=true",
     ("tunelab", "packed"): "tunelab, data.batching=packed (rows of cutoff tokens)",
     ("llamafactory", "padded"): "LLaMA-Factory, default (padded, grad. checkpointing on)",
     ("llamafactory", "neat_packing_nogc"): "LLaMA-Factory, neat_packing, checkpointing off (its fastest)",
@@ -67,6 +69,7 @@ def run_one(tool: str, mode: str, rep: int, args: argparse.Namespace) -> dict:
                "--run-dir", str(run_dir), "--steps", str(args.steps), "--batch", str(args.batch),
                "--cutoff", str(args.cutoff), "--lr", str(args.lr), "--seed", "0", "--warmup", str(args.warmup),
                "--device", args.device]
+    started = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
         try:
             code: int | str = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -79,6 +82,7 @@ def run_one(tool: str, mode: str, rep: int, args: argparse.Namespace) -> dict:
         print(f"FAILED {tool} {mode} rep {rep} ({code}):\n{tail}", flush=True)
         return {"tool": tool, "mode": mode, "error": f"{code}: {tail[-400:]}"}
     result = json.loads(result_file.read_text())
+    result["wall_s"] = round(time.perf_counter() - started, 1)  # the whole process: start, model load, compile, steps
     # a CPU dry run (--device cpu) has no GPU memory to read: its peak RSS stands in
     result.setdefault("peak_gpu_allocated_mb", result["peak_rss_mb"])
     tokens = max(result["real_tokens_per_step"], 1)
@@ -90,7 +94,9 @@ def run_one(tool: str, mode: str, rep: int, args: argparse.Namespace) -> dict:
           f"{result['median_step_s']:.3f} s, {result['real_tokens_per_step']:.0f} real tok/step, padding eff. "
           f"{result['padding_efficiency']}, peak alloc {result['peak_gpu_allocated_mb']:.0f} MB "
           f"({result['mb_per_1k_tokens']} MB per 1k tokens of a step; training's own {result['training_mb']:.0f} MB, "
-          f"{result['training_mb_per_1k_tokens']} per 1k), final loss {result['final_loss']}", flush=True)
+          f"{result['training_mb_per_1k_tokens']} per 1k), final loss {result['final_loss']}, "
+          f"{result['wall_s']} s in all",
+          flush=True)
     return result
 
 

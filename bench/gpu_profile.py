@@ -12,6 +12,7 @@ line says how busy the GPU was during a recorded step; for the short padding-fre
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def main() -> None:
     # Only two optimizer steps are recorded (after two skipped and one warm-up step): a whole run's trace made
     # the tables take minutes to print on the H200.
     schedule = torch.profiler.schedule(wait=2, warmup=1, active=2, repeat=1)
+    shutil.rmtree(out / "run", ignore_errors=True)  # a profile is a fresh run (several run one after another)
     with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
         summary = train(folder, data, out / "run", args.method, args.seq, args.batch, max(args.steps, 5),
                         [item for item in args.extra.split(",") if item], callbacks=[StepProfiler()])
@@ -68,8 +70,11 @@ def host_or_device(averages: object, recorded_steps: int) -> str:
     step = sum(e.cpu_time_total for e in averages if e.key.startswith("ProfilerStep")) / 1e3 / recorded_steps
     if not torch.cuda.is_available():
         return f"per recorded step: {step:.1f} ms"
-    busy = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-               for e in averages) / 1e3 / recorded_steps
+    # Kernel events only (device_type CUDA), as the table's "Self CUDA time total": the operators' own rows carry
+    # the time of the kernels they launched too, so summing every row counted each kernel twice (200% busy).
+    from torch.autograd import DeviceType
+
+    busy = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3 / recorded_steps
     return f"per recorded step: {step:.1f} ms, of which GPU kernels {busy:.1f} ms ({busy / step:.0%} busy)"
 
 
