@@ -37,6 +37,14 @@ SHAPES = {
     "llama3-8b": dict(arch="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
                       rope_theta=500000.0),
+    # Llama 3.2's 1-3B models: wider layers than Qwen2.5's at the same size (hidden 3072 / 2048, 8 KV heads), so
+    # larger matmuls for full fine-tuning (rope_scaling of the published configs left out: it costs nothing)
+    "llama3.2-3b": dict(arch="llama", hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
+                        num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                        rope_theta=500000.0),
+    "llama3.2-1b": dict(arch="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                        rope_theta=500000.0),
     "qwen2.5-3b": dict(arch="qwen2", hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
                        num_key_value_heads=2, intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(arch="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,

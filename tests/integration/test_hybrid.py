@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from tunelab.config.load import load_config
 from tunelab.evaluate.generate import load_for_eval
@@ -46,11 +49,30 @@ def expected_learning_rates(steps: int, warmup: int, peak: float) -> list[float]
     return rates
 
 
+class PhaseOneOptimizerFreed(TrainerCallback):
+    """At the LoRA phase's start, phase 1's optimizer (its moments, and any fp32 master weights) must be gone."""
+
+    def __init__(self) -> None:
+        self.phase_one: list[weakref.ref] = []
+        self.freed: bool | None = None
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if not self.phase_one:
+            inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper around the torch optimizer
+            self.phase_one = [weakref.ref(inner), *(weakref.ref(t) for g in inner.param_groups for t in g["params"])]
+            return
+        gc.collect()
+        self.freed = all(ref() is None for ref in self.phase_one)
+
+
 def test_switch_happens_at_its_step_then_only_adapters_train(tiny_model, arithmetic_file, tmp_path):
     config = config_for(tiny_model, arithmetic_file, tmp_path / "run", "train.max_steps=6",
                         "method.hybrid.full_fraction=0.5")
     original = {name: p.detach().clone() for name, p in load_model(config.model).named_parameters()}
-    result = run_training(config)
+    freed = PhaseOneOptimizerFreed()
+    result = run_training(config, extra_callbacks=[freed])
+    assert freed.freed is False  # phase 1 trained the model's own fp32 weights, which phase 2 keeps (frozen)
+    assert freed.phase_one[0]() is None  # but its optimizer, with its moments, is gone
     run = result.output_dir
 
     switches = [r for r in metrics(run) if r.get("event") == "hybrid_switch"]
@@ -133,3 +155,28 @@ def test_switch_under_two_process_ddp(tiny_model, arithmetic_file, tmp_path):
     assert (run / "adapter_model.safetensors").is_file() and not (run / "hybrid-switch").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["hybrid"]["switch_step"] == 2
+
+
+def test_hybrid_with_master_weights_in_the_optimizer_switches_and_resumes(tiny_model, arithmetic_file, tmp_path):
+    """Phase 1 trains bf16 weights with fp32 masters; the LoRA phase (fp32 adapters) needs none; resume is exact."""
+    from tunelab.train.master_weights import MASTER_FILE
+
+    extra = ("train.max_steps=4", "method.hybrid.full_fraction=0.5", "train.save_steps=1", "model.dtype=bf16",
+             "train.save_total_limit=20", "train.master_weights=optimizer")
+    freed = PhaseOneOptimizerFreed()
+    result = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "whole", *extra), extra_callbacks=[freed])
+    assert freed.freed  # phase 1's optimizer and its fp32 masters (the tensors it updated) are gone
+    whole = result.output_dir
+    assert [r["step"] for r in metrics(whole) if r.get("event") == "hybrid_switch"] == [2]
+    assert (whole / "checkpoint-1" / MASTER_FILE).is_file() and not (whole / "checkpoint-3" / MASTER_FILE).exists()
+    assert all(p.dtype == torch.float32 for n, p in result.model.named_parameters() if p.requires_grad)
+    expected = losses(whole)
+    for checkpoint in ("checkpoint-1", "checkpoint-3"):
+        partial = tmp_path / f"from-{checkpoint}"
+        partial.mkdir()
+        shutil.copytree(whole / checkpoint, partial / checkpoint)
+        if checkpoint == "checkpoint-3":
+            shutil.copytree(whole / "hybrid-base", partial / "hybrid-base")
+        shutil.copy(whole / "metrics.jsonl", partial / "metrics.jsonl")
+        run_training(config_for(tiny_model, arithmetic_file, partial, *extra, "train.resume=true"))
+        assert losses(partial) == expected, checkpoint

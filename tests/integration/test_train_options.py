@@ -103,3 +103,87 @@ def test_a_run_whose_gradients_are_all_zero_is_flagged(tiny_model, arithmetic_fi
     printed = output.getvalue()
     assert "did it train? every logged gradient norm was 0" in printed
     assert "did it train? no sampled trainable tensor changed" in printed
+
+
+def test_master_weights_in_the_optimizer_train_bf16_weights_and_resume_exactly(tiny_model, arithmetic_file,
+                                                                               tmp_path):
+    import shutil
+
+    from tunelab.errors import RunError
+    from tunelab.train.master_weights import MASTER_FILE
+
+    common = ("method.name=full", "model.dtype=bf16", "train.max_steps=6", "train.save_steps=3",
+              "train.learning_rate=1e-3")
+    mastered = ("train.master_weights=optimizer", *common)
+    output = io.StringIO()
+    whole = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "whole", *mastered),
+                         console=Console(file=output, width=200))
+    assert "master weights:" in output.getvalue() and "stay bf16 in the model" in output.getvalue()
+    assert {p.dtype for p in whole.model.parameters()} == {torch.bfloat16}
+    assert (whole.output_dir / "checkpoint-3" / MASTER_FILE).is_file()
+    assert whole.summary["did_it_train"]["ok"]
+    # the masters are dropped with the run (their hooks removed): the weights take gradients again
+    assert not any(hasattr(p, "tunelab_master") for p in whole.model.parameters())
+
+    # fp32 weights under autocast compute the same steps up to bf16 rounding of the residual stream
+    params = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "params", *common))
+    a, b = losses(whole.output_dir), losses(params.output_dir)
+    assert len(a) == 6 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 2e-2, (a, b)
+    assert a[-1] < a[0]
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copytree(whole.output_dir / "checkpoint-3", partial / "checkpoint-3")
+    lines = (whole.output_dir / "metrics.jsonl").read_text().splitlines()[:3]
+    (partial / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    resumed = run_training(config_for(tiny_model, arithmetic_file, partial, *mastered, "train.resume=true"))
+    assert losses(partial) == a
+    for (name, p), (_, q) in zip(whole.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        assert torch.equal(p.cpu(), q.cpu()), name
+
+    # the other way round (written with the masters, resumed with fp32 weights): the weights start from the masters
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class WeightsAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    other_way = tmp_path / "other-way"
+    other_way.mkdir()
+    shutil.copytree(whole.output_dir / "checkpoint-3", other_way / "checkpoint-3")
+    start = WeightsAtStart()
+    run_training(config_for(tiny_model, arithmetic_file, other_way, *common, "train.resume=true"),
+                 extra_callbacks=[start])
+    saved = load_file(str(whole.output_dir / "checkpoint-3" / MASTER_FILE))
+    assert saved and all(torch.equal(start.weights[name], value) for name, value in saved.items())
+
+    # a checkpoint without its masters would resume from bf16-rounded weights: refused, not continued approximately
+    (partial / "checkpoint-3" / MASTER_FILE).unlink()
+    shutil.rmtree(partial / "checkpoint-6")
+    with pytest.raises(RunError, match=f"has no {MASTER_FILE}"):
+        run_training(config_for(tiny_model, arithmetic_file, partial, *mastered, "train.resume=true"))
+
+
+def test_master_weights_refuse_fp32_before_the_model_loads(tiny_model, arithmetic_file, tmp_path, monkeypatch):
+    from tunelab.errors import ConfigError
+    from tunelab.train import run as run_module
+
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match="model.dtype resolved to fp32"):
+        run_training(config_for(tiny_model, arithmetic_file, tmp_path / "run", "method.name=full",
+                                "train.master_weights=optimizer", "train.max_steps=1"))
+
+
+def test_master_weights_with_accumulation_an_eager_optimizer_state_and_no_clipping(tiny_model, arithmetic_file,
+                                                                                   tmp_path):
+    # Adagrad makes its state when it is built (moved to the masters); with max_grad_norm=0 the logged norm is
+    # still the masters' (the bf16 weights hold no gradient at the step); 4 micro-batches are summed in fp32.
+    result = run_training(config_for(
+        tiny_model, arithmetic_file, tmp_path / "run", "method.name=full", "model.dtype=bf16",
+        "train.master_weights=optimizer", "train.optim=adagrad", "train.max_grad_norm=0", "train.max_steps=3",
+        "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=4"))
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
+    assert len(norms) == 3 and all(n > 0 for n in norms), norms
+    assert result.summary["did_it_train"]["parameters_changed"]

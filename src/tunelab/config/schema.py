@@ -268,6 +268,15 @@ class TrainConfig(Section):
     time (bench/step_overhead.py); on an H100 such steps ran 1.31× faster with it off, for 39% more training memory
     (gradient checkpointing saves far more when memory is short). Off by itself under ``torch_compile``,
     ``liger_kernel`` and ``gradient_checkpointing``, which recompute in their own way."""
+    master_weights: Literal["params", "optimizer"] = "params"
+    """Where the fp32 copy of trained bf16 weights lives (full, freeze, hybrid's full phase, and bf16 weights that
+    train beside adapters such as ``modules_to_save``; LoRA adapters are fp32 themselves). ``params``: the trained
+    weights are fp32 in the model and compute runs under bf16 autocast, which casts them (and each projection's
+    input) at every forward. ``optimizer``: the model keeps them in bf16 and the optimizer updates fp32 copies,
+    with micro-batches' gradients summed in fp32 (as DeepSpeed's bf16 optimizer and FSDP mixed precision do): no
+    per-forward casts and a bf16 residual stream, for the same bytes per trained weight at a step's peak. Needs
+    ``model.dtype`` bf16 and a single process; checkpoints keep the fp32 copies for an exact resume. Speed effect on
+    a GPU not measured yet."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory, about a third more compute.
     Non-reentrant checkpointing, so it also works when the base is frozen (LoRA, freeze)."""

@@ -99,7 +99,11 @@ def train_hybrid(
         if not stopper.reached or interrupted():
             return trainer, {"hybrid": {"switch_step": stopper.step, "switched": False}}
         switch_checkpoint = out / f"checkpoint-{stopper.step}"
-    del trainer  # frees phase 1's optimizer moments (two copies of every weight) before the LoRA phase
+    # Phase 1's optimizer moments (two copies of every weight) must go before the LoRA phase. The caller still holds
+    # this trainer, so its references to the optimizer are dropped here rather than left to whatever else Trainer
+    # keeps (with master_weights=optimizer they held phase 1's fp32 masters too: test_hybrid checks both).
+    trainer.drop_optimizer()
+    del trainer
     gc.collect()
 
     from accelerate import PartialState

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from tunelab.train.master_weights import tensor_to_check
+
 # Stated dense (no sparsity) peaks in TFLOP/s, from the vendors' data sheets: (bf16/fp16 tensor core, plain fp32).
 DEVICE_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "H200": (989.4, 66.9),
@@ -85,7 +87,9 @@ class TrainingCheckCallback(TrainerCallback):
 
     def _norms(self) -> dict[str, float]:
         # float64 norms: any update to a tensor changes its norm, and nothing is copied.
-        return {n: float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) for n, p in self._tensors.items()}
+        # bf16 weights with fp32 masters (train.master_weights=optimizer): the master is what a small update moves.
+        return {n: float(torch.linalg.vector_norm(tensor_to_check(p).detach(), dtype=torch.float64))
+                for n, p in self._tensors.items()}
 
     def report(self, log_history: list[dict[str, Any]]) -> dict[str, Any]:
         grads = [e["grad_norm"] for e in log_history if "grad_norm" in e]

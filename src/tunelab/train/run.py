@@ -59,6 +59,7 @@ from tunelab.train.checkpoint import resolve_resume
 from tunelab.train.compile import compile_layers, uncompile
 from tunelab.train.hybrid import train_hybrid
 from tunelab.train.loss import lean_loss_unsupported
+from tunelab.train.master_weights import check_master_weights, master_weights_note
 from tunelab.train.meter import TrainingCheckCallback, meter_summary
 from tunelab.train.preflight import check_train_machine
 
@@ -86,6 +87,8 @@ def run_training(
     dtype = precision.dtype
     check_train_machine(config)
     check_attention(config.model.attn_implementation)
+    if config.train.master_weights == "optimizer":
+        check_master_weights(dtype, processes=int(os.environ.get("WORLD_SIZE", "1")))
     console.print(f"[bold]precision[/] {dtype}: {precision.reason}")
     allocator = describe_allocator(config.train.cpu_allocator)
     console.print(f"[bold]allocator[/] {allocator['name']}: {allocator['reason']}")
@@ -116,7 +119,11 @@ def run_training(
     model = match_vocabulary(model, tokenizer, seed=config.train.seed)
     if config.train.liger_kernel:
         console.print(apply_liger_kernels(model))
-    model = keep_trainable_fp32(apply_method(model, config.method, new_token_ids))
+    model = apply_method(model, config.method, new_token_ids)
+    if config.train.master_weights == "optimizer":  # bf16 weights stay; the optimizer keeps fp32 copies
+        console.print(master_weights_note(model))
+    else:
+        model = keep_trainable_fp32(model)
     lean_layers = use_lean_activations(model, config.train, console)
     trainable, total = count_parameters(model)
     console.print(f"[bold]model[/] {config.model.name_or_path} ({dtype}), method {config.method.name}: "
@@ -149,6 +156,7 @@ def run_training(
         batching=batching,
         lean_loss=config.train.lean_loss and not lean_off,
         activation_offload=config.train.activation_offload,
+        master_weights=config.train.master_weights == "optimizer",
     )
     trainer = make_trainer(model=model)
     compiled = compile_layers(model, config.train.torch_compile_backend) if config.train.torch_compile else []
@@ -215,8 +223,9 @@ def is_main_process() -> bool:
 def save_final_model(trainer: Any, out: Path, dtype: str) -> None:
     """The final weights in the precision they were loaded in.
 
-    Trained weights were kept in fp32 for the optimizer (see keep_trainable_fp32); the artefact a user serves
-    goes back to bf16, so it is not twice the size of the base. Checkpoints keep fp32 for an exact resume.
+    Trained weights were kept in fp32 for the optimizer (see keep_trainable_fp32; with train.master_weights=
+    optimizer they are bf16 already, the fp32 copies living in the optimizer); the artefact a user serves goes back
+    to bf16, so it is not twice the size of the base. Checkpoints keep the fp32 values for an exact resume.
     """
     model = trainer.model
     if dtype != "bf16" or hasattr(model, "peft_config"):

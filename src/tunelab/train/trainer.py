@@ -15,6 +15,13 @@ from transformers import Trainer
 
 from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.errors import RunError
+from tunelab.train.master_weights import (
+    MASTER_FILE,
+    MasterWeights,
+    has_bf16_trainable,
+    load_masters_into_params,
+    tensor_to_check,
+)
 from tunelab.train.meter import FedBatches
 
 LossFn = Callable[[Any, dict[str, Any], Any], torch.Tensor]
@@ -26,9 +33,12 @@ _WHOLE_MODEL = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.M
 class TunelabTrainer(Trainer):
     def __init__(
         self, *args: Any, stop_on_nonfinite_loss: bool = True, loss_fn: LossFn | None = None,
-        activation_offload: bool = False, **kwargs: Any
+        activation_offload: bool = False, master_weights: bool = False, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.master_weights = master_weights
+        """Keep bf16 trained weights in the model and fp32 copies in the optimizer (``train.master_weights``)."""
+        self._masters: MasterWeights | None = None
         self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
         self.loss_fn = loss_fn
         """The stage's loss ``(model, inputs, num_items_in_batch) -> loss``; ``None`` uses the model's own."""
@@ -131,14 +141,69 @@ class TunelabTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         # Kept per training run: another train() on this Trainer may see other trainable parameters.
         self._non_embedding_parameters, self._trainable, self._casting_adapters = None, None, None
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._masters is not None:  # fp32 copies of every trained weight: not kept past the run
+                self._masters.release()
+                self._masters, self._trainable = None, None  # the clipping list holds the masters too
+                self.drop_optimizer()
+
+    def drop_optimizer(self) -> None:
+        """Let go of the optimizer (its state, and the masters it updates) and the scheduler that points at it: the
+        Trainer, its callback handler and its accelerator each keep a reference (with master weights, dropping
+        ``self.optimizer`` alone left phase 1's masters alive in hybrid's LoRA phase: test_hybrid)."""
+        self.optimizer, self.lr_scheduler = None, None
+        self.callback_handler.optimizer, self.callback_handler.lr_scheduler = None, None
+        self.accelerator._optimizers.clear()
+        self.accelerator._schedulers.clear()
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        optimizer = super().create_optimizer(model)
+        # Only where bf16 weights train (full, freeze, hybrid's full phase): adapters are fp32 already.
+        if self.master_weights and self._masters is None and has_bf16_trainable(self.model):
+            if self.accelerator.distributed_type != DistributedType.NO:
+                raise RunError("train.master_weights=optimizer runs in a single process; use FSDP's mixed precision "
+                               "or DeepSpeed's bf16 for multi-process runs, or train.master_weights=params")
+            self._masters = MasterWeights(self.model)
+            self._masters.attach(optimizer)
+        return optimizer
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._masters is not None and self.args.should_save:
+            self._masters.save(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        # The checkpoint's model weights are the masters rounded to bf16; without its masters a resume would lose
+        # every update below bf16's resolution, so a checkpoint written with fp32 weights (master_weights=params)
+        # is refused rather than continued approximately.
+        if checkpoint is None:
+            return
+        if self._masters is not None and not self._masters.load(checkpoint):
+            raise RunError(f"{checkpoint} has no {MASTER_FILE}: it was not written with train.master_weights="
+                           "optimizer; resume it with the setting it was trained with")
+        if self._masters is None:  # written with master_weights=optimizer, resumed with params: exact all the same
+            load_masters_into_params(self.model, checkpoint)
+
+    def _trainable_tensors(self, model: Any) -> list[torch.Tensor]:
+        """What clipping and the gradient norm read: the masters where they exist (the bf16 gradients were moved
+        into them), else the trainable parameters."""
+        if self._trainable is None:
+            kept = [p for p in model.parameters() if p.requires_grad]
+            self._trainable = [tensor_to_check(p) for p in kept] if self._masters is not None else kept
+        return self._trainable
 
     def _clip_grad_norm(self, model: Any) -> Any:
         if self.accelerator.distributed_type not in _WHOLE_MODEL:
             return super()._clip_grad_norm(model)
-        if self._trainable is None:
-            self._trainable = [p for p in model.parameters() if p.requires_grad]
-        return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
+        return self.accelerator.clip_grad_norm_(self._trainable_tensors(model), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        if grad_norm is None and self._masters is not None:  # max_grad_norm=0: the norm is still logged
+            grad_norm = self.accelerator.clip_grad_norm_(self._trainable_tensors(model), float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "eval_loss" not in logs:

@@ -1,0 +1,190 @@
+"""bf16 trained weights in the model, fp32 master copies in the optimizer (``train.master_weights: optimizer``).
+
+By default (``params``) full and freeze fine-tuning keep the trained weights themselves in fp32 and compute under
+bf16 autocast: every forward casts each weight to bf16 again, the residual stream and the norms run in fp32, and each
+projection casts its fp32 input to bf16 on its own. On an H100, copy kernels (these casts among them) took 14% and
+fp32 elementwise work 11% of a 3B full fine-tuning step's kernel time (bench/RESULTS.md, "GPU pass 5"). Here the
+model holds its trained weights in bf16, as a LoRA base is held, and the optimizer updates fp32 copies:
+
+- each bf16 gradient is added into its master's fp32 gradient as soon as the backward pass has produced it (a
+  post-accumulate-grad hook), and the bf16 one is dropped: micro-batches of a gradient-accumulation window are
+  summed in fp32, not in bf16 (within one backward pass autograd still sums a weight's uses in bf16, e.g. a tied
+  embedding's lookup and head);
+- clipping and the optimizer see only the masters (their grouping, weight decay and learning rate unchanged);
+- after each optimizer step the masters are rounded into the model's bf16 weights. Updates smaller than bf16's
+  resolution accumulate in the masters instead of being rounded away, which is why tunelab keeps fp32 weights at
+  all (see ``keep_trainable_fp32``).
+
+DeepSpeed's bf16 optimizer and FSDP's ``MixedPrecision(param_dtype=bfloat16)`` do the same for sharded runs; a
+single-process Trainer has neither, hence this module. Memory per trained weight at a step's peak is the same
+as with fp32 weights under autocast (bf16 weight + fp32 master, against fp32 weight + the bf16 copy autocast keeps
+through the step), plus the fp32 gradient and the optimizer state in both. It refuses multi-process runs rather
+than guess how DDP's gradient hooks would interleave with its own. Checkpoints store the masters
+(``master_weights.safetensors``) beside the bf16 model, so a resumed run continues from the exact fp32 values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from tunelab.errors import ConfigError, RunError
+
+MASTER_FILE = "master_weights.safetensors"
+# Set on each bf16 trained parameter while its master exists, so checks that read the model's weights (the "did it
+# train" check) can read the value the optimizer updates: a small update may not move the bf16 copy at all.
+MASTER_ATTRIBUTE = "tunelab_master"
+
+
+class MasterWeights:
+    """fp32 masters of a model's bf16 trainable parameters, their gradient hooks, and the step that writes back."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.bfloat16]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.masters = [p.detach().to(torch.float32, copy=True) for p in self.params]
+        self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into(m))
+                       for p, m in zip(self.params, self.masters, strict=True)]
+        for param, master in zip(self.params, self.masters, strict=True):
+            setattr(param, MASTER_ATTRIBUTE, master)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``optimizer`` update the masters in place of the bf16 parameters, and write them back after each of
+        its steps. Called on a new optimizer: state that some optimizers make at construction (Adagrad's sums) moves
+        to the masters in fp32; an optimizer that has stepped is refused (its state would not fit the masters)."""
+        master_of = {id(p): m for p, m in zip(self.params, self.masters, strict=True)}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) in master_of and param in optimizer.state:
+                    optimizer.state[master_of[id(param)]] = _moved_state(optimizer.state.pop(param), param)
+            group["params"] = [master_of.get(id(p), p) for p in group["params"]]
+        # bitsandbytes matches its per-weight settings (Trainer keeps the embedding's optimizer state in 32 bits) by
+        # tensor identity at the first step: give each such setting its master too, or it would silently not apply.
+        overrides = getattr(getattr(optimizer, "mng", None), "module_weight_config_triple", None)
+        if isinstance(overrides, list):
+            for module, attr, config in list(overrides):
+                master = master_of.get(id(getattr(module, attr, None)))
+                if master is not None:
+                    overrides.append((SimpleNamespace(**{attr: master}), attr, config))
+        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.write_back()))
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        if self.params:
+            torch._foreach_copy_(self.params, self.masters)  # one fused copy-and-round (not a launch per tensor)
+        for master in self.masters:
+            master.grad = None  # the window's sum was used; the next one starts from nothing
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.masters, strict=True))
+
+    def save(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({name: t.contiguous() for name, t in self.state().items()}, str(Path(folder) / MASTER_FILE))
+
+    @torch.no_grad()
+    def load(self, folder: str | Path) -> bool:
+        """Restore the masters (and their bf16 roundings) from a checkpoint; ``False`` when it has none."""
+        path = Path(folder) / MASTER_FILE
+        if not path.is_file():
+            return False
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path))
+        missing = [name for name in self.names if name not in saved]
+        if missing:
+            raise RunError(f"{path}: no master weights for {missing[:3]} (a checkpoint of another model or method)")
+        for name, param, master in zip(self.names, self.params, self.masters, strict=True):
+            master.copy_(saved[name])
+            param.copy_(master)
+        return True
+
+    def release(self) -> None:
+        """Remove the gradient hooks, the optimizer's step hook and the attributes; the masters go with the optimizer
+        (see ``TunelabTrainer.drop_optimizer``)."""
+        for hook in self._hooks:
+            hook.remove()
+        for param in self.params:
+            if hasattr(param, MASTER_ATTRIBUTE):
+                delattr(param, MASTER_ATTRIBUTE)
+        self._hooks = []
+
+
+def _moved_state(state: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
+    def moved(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.shape == param.shape and value.is_floating_point():
+            return value.float()
+        return value
+
+    steps = state.get("step")
+    if isinstance(steps, torch.Tensor | int | float) and float(steps) > 0:
+        raise RunError("train.master_weights=optimizer: the optimizer has already stepped on the bf16 weights")
+    return {key: moved(value) for key, value in state.items()}
+
+
+def load_masters_into_params(model: torch.nn.Module, folder: str | Path) -> bool:
+    """A checkpoint written with ``master_weights=optimizer``, resumed with ``params``: its fp32 masters are the
+    trained values, its model file only their bf16 rounding. Copies them into the fp32 trainable parameters;
+    ``False`` when the checkpoint has none."""
+    path = Path(folder) / MASTER_FILE
+    if not path.is_file():
+        return False
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and name in saved:
+                param.copy_(saved[name])
+    return True
+
+
+def _accumulate_into(master: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def hook(param: torch.Tensor) -> None:
+        grad = param.grad
+        if grad is None:
+            return
+        if master.grad is None:
+            master.grad = grad.float()  # a new fp32 tensor, not a view of the bf16 one
+        else:
+            master.grad.add_(grad)  # fp32 += bf16, in fp32
+        param.grad = None
+    return hook
+
+
+def tensor_to_check(param: torch.Tensor) -> torch.Tensor:
+    """The value an optimizer step changes: the fp32 master of a bf16 trained weight, else the weight itself."""
+    return getattr(param, MASTER_ATTRIBUTE, param)
+
+
+def master_weights_note(model: torch.nn.Module) -> str:
+    """What ``train.master_weights: optimizer`` does for this model, for the run's printout."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    half = [p for p in trained if p.dtype == torch.bfloat16]
+    if not half:
+        return ("master weights: no bf16 trained weights (LoRA adapters are fp32), so train.master_weights="
+                "optimizer changes nothing here")
+    count = sum(p.numel() for p in half)
+    return (f"master weights: {count:,} trained parameters stay bf16 in the model; the optimizer updates fp32 copies "
+            "and gradients are summed in fp32")
+
+
+def check_master_weights(dtype: str, *, processes: int) -> None:
+    """Refuse what ``train.master_weights: optimizer`` does not support, before any model loads."""
+    if dtype != "bf16":
+        raise ConfigError(f"train.master_weights: 'optimizer' needs bf16 weights, but model.dtype resolved to {dtype}; "
+                          "set model.dtype=bf16 (a GPU or a CPU with native bf16) or train.master_weights=params")
+    if processes > 1:
+        raise ConfigError("train.master_weights: 'optimizer' runs in a single process; for multi-GPU runs use FSDP's "
+                          "mixed precision or DeepSpeed's bf16 (they keep fp32 master weights themselves), or "
+                          "train.master_weights=params")
+
+
+def has_bf16_trainable(model: torch.nn.Module) -> bool:
+    return any(p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters())
