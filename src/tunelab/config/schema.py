@@ -265,7 +265,7 @@ class TrainConfig(Section):
     there: the SwiGLU product and SiLU output, the RMSNorms' outputs and normalized inputs, and the padding-free
     attention's joined output. Same gradients bit for bit; on the peer bench's LoRA job (CPU) 23% less peak RSS
     for about 5% slower steps (bench/RESULTS.md). Steps too short to keep the device busy pay more: 22–23% more host
-    time (bench/step_overhead.py); on an H100 such steps ran 1.31× faster with it off, for 39% more training memory
+    time (bench/step_overhead.py); on an H100 such steps ran about 1.3× faster with it off, for 39% more training memory
     (gradient checkpointing saves far more when memory is short). Off by itself under ``torch_compile``,
     ``liger_kernel`` and ``gradient_checkpointing``, which recompute in their own way."""
     master_weights: Literal["params", "optimizer"] = "params"
