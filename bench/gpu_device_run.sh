@@ -2,7 +2,7 @@
 # One prepared pass on a lent GPU machine (under 10 minutes), most important first: QLoRA vs LoRA memory, padded vs
 # padding-free vs a plain HF Trainer, MFU at real shapes (1.5B full, Llama-3-8B-shape LoRA), then the speed options.
 # Each part has its own time limit and log under $OUT, so one failure leaves the others' numbers.
-# Carried: .whl (pydantic, liger-kernel), .whl2 (transformers 5.24, peft 0.21.2, tokenizers), .bnb (bitsandbytes
+# Carried: .whl (pydantic, liger-kernel, torchao), .whl2 (transformers 5.24, peft 0.21.2, tokenizers), .bnb (bitsandbytes
 # 0.50.2 unpacked, CUDA 13.0 and CPU libraries only, to fit the carry limit) and, for the `peers` part, .whlf
 # (LLaMA-Factory 0.9.5 with its pins: transformers 5.6.0, peft 0.18.1, trl 0.24.0, datasets 4.0.0, accelerate 1.11.0,
 # tokenizers 0.22.2, dill, multiprocess, omegaconf, opentelemetry-api). Usage: bash bench/gpu_device_run.sh

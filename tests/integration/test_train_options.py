@@ -187,3 +187,33 @@ def test_master_weights_with_accumulation_an_eager_optimizer_state_and_no_clippi
     norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
     assert len(norms) == 3 and all(n > 0 for n in norms), norms
     assert result.summary["did_it_train"]["parameters_changed"]
+
+
+def _torchao_problem() -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed"
+    return compile_problem("inductor")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_torchao_problem()), reason=_torchao_problem() or "runs")
+def test_torchao_8bit_adamw_trains_the_masters_and_resumes_exactly(tiny_model, arithmetic_file, tmp_path):
+    import shutil
+
+    common = ("method.name=full", "model.dtype=bf16", "train.master_weights=optimizer", "train.optim=adamw_torch_8bit",
+              "train.max_steps=4", "train.save_steps=2", "train.learning_rate=1e-3")
+    whole = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "whole", *common))
+    a = losses(whole.output_dir)
+    assert len(a) == 4 and a[-1] < a[0] and whole.summary["did_it_train"]["ok"]
+    saved = torch.load(whole.output_dir / "checkpoint-2" / "optimizer.pt", weights_only=False)  # written by this test
+    kinds = {type(v).__name__ for entry in saved["state"].values() for v in entry.values()}
+    assert "OptimState8bit" in kinds  # the larger tensors' moments are held in 8 bits
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copytree(whole.output_dir / "checkpoint-2", partial / "checkpoint-2")
+    lines = (whole.output_dir / "metrics.jsonl").read_text().splitlines()[:2]
+    (partial / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run_training(config_for(tiny_model, arithmetic_file, partial, *common, "train.resume=true"))
+    assert losses(partial) == a  # the 8-bit state (torchao's tensor subclass) survives the checkpoint

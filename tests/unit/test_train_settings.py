@@ -84,6 +84,31 @@ def test_bitsandbytes_optimizers_need_bitsandbytes():
     assert optimizer_problem("adafactor") == "" and optimizer_problem("sgd") == ""
 
 
+def test_torchao_optimizers_need_torchao_and_a_compiler(monkeypatch):
+    import builtins
+
+    from tunelab.train import compile as compile_module
+
+    real_import = builtins.__import__
+
+    def without_torchao(name, *args, **kwargs):
+        if name.split(".")[0] == "torchao":
+            raise ModuleNotFoundError("No module named 'torchao'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_torchao)
+    message = optimizer_problem("adamw_torch_8bit")
+    assert message.startswith("train.optim: adamw_torch_8bit needs torchao (pip install 'tunelab[gpu]'); importing it "
+                              "failed (ModuleNotFoundError")
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    if importlib.util.find_spec("torchao") is None:
+        return
+    monkeypatch.setattr(compile_module, "compile_problem", lambda backend: "inductor on a CPU needs a C++ compiler")
+    assert optimizer_problem("adamw_torch_4bit") == ("train.optim: adamw_torch_4bit compiles its updates with "
+                                                     "torch.compile, which cannot run here: inductor on a CPU needs a "
+                                                     "C++ compiler")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="activation offload is allowed on a GPU")
 def test_machine_checks_fail_before_the_model_loads(tmp_path: Path):

@@ -25,6 +25,7 @@ Optimizer = Literal[
     "adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adagrad", "rmsprop",
     "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit", "paged_lion_8bit",
     "paged_lion_32bit", "ademamix", "ademamix_8bit", "paged_ademamix_8bit", "paged_ademamix_32bit",
+    "adamw_torch_8bit", "adamw_torch_4bit",
 ]
 
 
@@ -309,7 +310,9 @@ class TrainConfig(Section):
     optim: Optimizer = "adamw_torch_fused"
     """Optimizer, by its transformers name. The bitsandbytes ones keep optimizer state in 8 bits (``*_8bit``,
     about a quarter of AdamW's state memory) or page it to CPU memory under GPU memory pressure (``paged_*``,
-    CUDA only); they need bitsandbytes (``pip install 'tunelab[gpu]'``)."""
+    CUDA only); they need bitsandbytes (``pip install 'tunelab[gpu]'``). ``adamw_torch_8bit``/``adamw_torch_4bit``
+    are torchao's AdamW with 8- or 4-bit state (same extra), compiled with torch.compile (a CPU needs a C++
+    compiler), without bitsandbytes' device synchronisation after every tensor."""
 
     @property
     def output_path(self) -> Path:

@@ -13,7 +13,7 @@ import torch
 from tunelab.config.schema import TrainConfig, TunelabConfig
 from tunelab.errors import ConfigError
 
-Needs = Literal["torch", "bitsandbytes", "bitsandbytes+cuda"]
+Needs = Literal["torch", "bitsandbytes", "bitsandbytes+cuda", "torchao"]
 
 # What each ``train.optim`` choice needs beyond torch (a test keeps the keys equal to the schema's choices).
 # Paged optimizers move their state through CUDA unified memory, so they need a GPU even with bitsandbytes' CPU
@@ -36,6 +36,10 @@ OPTIMIZER_NEEDS: dict[str, Needs] = {
     "paged_lion_32bit": "bitsandbytes+cuda",
     "paged_ademamix_8bit": "bitsandbytes+cuda",
     "paged_ademamix_32bit": "bitsandbytes+cuda",
+    # torchao's AdamW with 8- or 4-bit state: compiled updates, without bitsandbytes' device synchronisation after
+    # every tensor (434 a step for a 3B model: bench/RESULTS.md, GPU pass 5)
+    "adamw_torch_8bit": "torchao",
+    "adamw_torch_4bit": "torchao",
 }
 
 
@@ -51,6 +55,8 @@ def optimizer_problem(optim: str) -> str:
     needs = OPTIMIZER_NEEDS[optim]
     if needs == "torch":
         return ""
+    if needs == "torchao":
+        return torchao_problem(optim)
     try:
         import bitsandbytes  # noqa: F401  (imported, not just found: a broken install fails here, not mid-run)
     except Exception as exc:
@@ -60,6 +66,20 @@ def optimizer_problem(optim: str) -> str:
     if needs == "bitsandbytes+cuda" and not torch.cuda.is_available():
         return (f"train.optim: {optim} pages optimizer state through CUDA unified memory and needs a CUDA GPU; "
                 "on this machine use one without paged_ (adamw_bnb_8bit, lion_8bit, ...) or adamw_torch_fused")
+    return ""
+
+
+def torchao_problem(optim: str) -> str:
+    from tunelab.train.compile import compile_problem
+
+    try:
+        import torchao.optim  # noqa: F401
+    except Exception as exc:
+        return (f"train.optim: {optim} needs torchao (pip install 'tunelab[gpu]'); importing it failed "
+                f"({type(exc).__name__}: {exc}). Use adamw_bnb_8bit or adamw_torch_fused instead")
+    problem = compile_problem("inductor")  # torchao compiles each update with torch.compile
+    if problem:
+        return f"train.optim: {optim} compiles its updates with torch.compile, which cannot run here: {problem}"
     return ""
 
 
