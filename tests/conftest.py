@@ -38,6 +38,16 @@ def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def interrupted_copy(run_dir: Path, step: int, target: Path, logged_steps: int | None = None) -> Path:
+    """``target`` as a run that died after writing ``checkpoint-{step}``: that checkpoint, and the first
+    ``logged_steps`` lines of the run's metrics (default: ``step``; a run can log past its last checkpoint)."""
+    target.mkdir()
+    shutil.copytree(run_dir / f"checkpoint-{step}", target / f"checkpoint-{step}")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[: step if logged_steps is None else logged_steps]
+    (target / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return target
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import interrupted_copy
 from tunelab.config.load import load_config
 from tunelab.errors import RunError
 from tunelab.models.load import load_model
@@ -67,12 +68,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model, arithmetic_file, tm
     extra = ("method.name=lora", "method.lora.dropout=0.1", "train.max_steps=10", "train.save_steps=4",
              "train.lr_scheduler_type=cosine", "train.warmup_ratio=0.2")
     whole = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "a", *extra))
-    partial = tmp_path / "b"
-    partial.mkdir()
-    shutil.copytree(whole.output_dir / "checkpoint-4", partial / "checkpoint-4")
     # the interrupted run had also logged steps 5 and 6 before it died
-    lines = (whole.output_dir / "metrics.jsonl").read_text().splitlines()[:6]
-    (partial / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    partial = interrupted_copy(whole.output_dir, 4, tmp_path / "b", logged_steps=6)
     run_training(config_for(tiny_model, arithmetic_file, partial, *extra, "train.resume=true"))
     a, b = losses(whole.output_dir), losses(partial)
     assert len(a) == len(b) == 10

@@ -8,6 +8,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from conftest import interrupted_copy
 from tunelab.config.load import load_config
 from tunelab.train.compile import compile_problem
 from tunelab.train.run import run_training
@@ -131,11 +132,7 @@ def test_master_weights_in_the_optimizer_train_bf16_weights_and_resume_exactly(t
     assert len(a) == 6 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 2e-2, (a, b)
     assert a[-1] < a[0]
 
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    shutil.copytree(whole.output_dir / "checkpoint-3", partial / "checkpoint-3")
-    lines = (whole.output_dir / "metrics.jsonl").read_text().splitlines()[:3]
-    (partial / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    partial = interrupted_copy(whole.output_dir, 3, tmp_path / "partial")
     resumed = run_training(config_for(tiny_model, arithmetic_file, partial, *mastered, "train.resume=true"))
     assert losses(partial) == a
     for (name, p), (_, q) in zip(whole.model.named_parameters(), resumed.model.named_parameters(), strict=True):
@@ -149,9 +146,7 @@ def test_master_weights_in_the_optimizer_train_bf16_weights_and_resume_exactly(t
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    other_way = tmp_path / "other-way"
-    other_way.mkdir()
-    shutil.copytree(whole.output_dir / "checkpoint-3", other_way / "checkpoint-3")
+    other_way = interrupted_copy(whole.output_dir, 3, tmp_path / "other-way")
     start = WeightsAtStart()
     run_training(config_for(tiny_model, arithmetic_file, other_way, *common, "train.resume=true"),
                  extra_callbacks=[start])
@@ -200,7 +195,6 @@ def _torchao_problem() -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_torchao_problem()), reason=_torchao_problem() or "runs")
 def test_torchao_8bit_adamw_trains_the_masters_and_resumes_exactly(tiny_model, arithmetic_file, tmp_path):
-    import shutil
 
     common = ("method.name=full", "model.dtype=bf16", "train.master_weights=optimizer", "train.optim=adamw_torch_8bit",
               "train.max_steps=4", "train.save_steps=2", "train.learning_rate=1e-3")
@@ -210,10 +204,6 @@ def test_torchao_8bit_adamw_trains_the_masters_and_resumes_exactly(tiny_model, a
     saved = torch.load(whole.output_dir / "checkpoint-2" / "optimizer.pt", weights_only=False)  # written by this test
     kinds = {type(v).__name__ for entry in saved["state"].values() for v in entry.values()}
     assert "OptimState8bit" in kinds  # the larger tensors' moments are held in 8 bits
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    shutil.copytree(whole.output_dir / "checkpoint-2", partial / "checkpoint-2")
-    lines = (whole.output_dir / "metrics.jsonl").read_text().splitlines()[:2]
-    (partial / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    partial = interrupted_copy(whole.output_dir, 2, tmp_path / "partial")
     run_training(config_for(tiny_model, arithmetic_file, partial, *common, "train.resume=true"))
     assert losses(partial) == a  # the 8-bit state (torchao's tensor subclass) survives the checkpoint
