@@ -136,8 +136,10 @@ def _no_cudnn(query: torch.Tensor) -> Any:
 
 
 # PyTorch's own varlen FlashAttention (torch.nn.attention.varlen, CUDA, fp16/bf16): one kernel for the whole row.
-# Disabled for the process after its first failure (an older torch without it, an unsupported head size).
-_VARLEN = {"usable": True}
+# Disabled for the process after its first failure (an older torch without it, an unsupported head size). Its
+# keyword names (they changed between torch releases) are read once: every layer of every forward calls it, and
+# inspect.signature costs tens of microseconds of host time, which short GPU steps wait on.
+_VARLEN: dict[str, Any] = {"usable": True, "params": None}
 
 
 def _cuda_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int], cu: Any,
@@ -145,11 +147,13 @@ def _cuda_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bo
     if not _VARLEN["usable"]:
         return None
     try:
-        import inspect
-
         from torch.nn.attention.varlen import varlen_attn
 
-        params = inspect.signature(varlen_attn).parameters
+        if _VARLEN["params"] is None:
+            import inspect
+
+            _VARLEN["params"] = frozenset(inspect.signature(varlen_attn).parameters)
+        params = _VARLEN["params"]
         if cu is None:
             cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
         cu = cu.to(torch.int32)
