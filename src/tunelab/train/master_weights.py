@@ -35,6 +35,9 @@ import torch
 from tunelab.errors import ConfigError, RunError
 
 MASTER_FILE = "master_weights.safetensors"
+SINGLE_PROCESS_ONLY = ("train.master_weights: 'optimizer' runs in a single process; for multi-GPU runs use FSDP's "
+                       "mixed precision or DeepSpeed's bf16 (they keep fp32 master weights themselves), or "
+                       "train.master_weights=params")
 # Set on each bf16 trained parameter while its master exists, so checks that read the model's weights (the "did it
 # train" check) can read the value the optimizer updates: a small update may not move the bf16 copy at all.
 MASTER_ATTRIBUTE = "tunelab_master"
@@ -44,7 +47,7 @@ class MasterWeights:
     """fp32 masters of a model's bf16 trainable parameters, their gradient hooks, and the step that writes back."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.bfloat16]
+        named = bf16_trained(model)
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.masters = [p.detach().to(torch.float32, copy=True) for p in self.params]
@@ -165,12 +168,11 @@ def tensor_to_check(param: torch.Tensor) -> torch.Tensor:
 
 def master_weights_note(model: torch.nn.Module) -> str:
     """What ``train.master_weights: optimizer`` does for this model, for the run's printout."""
-    trained = [p for p in model.parameters() if p.requires_grad]
-    half = [p for p in trained if p.dtype == torch.bfloat16]
+    half = bf16_trained(model)
     if not half:
         return ("master weights: no bf16 trained weights (LoRA adapters are fp32), so train.master_weights="
                 "optimizer changes nothing here")
-    count = sum(p.numel() for p in half)
+    count = sum(p.numel() for _, p in half)
     return (f"master weights: {count:,} trained parameters stay bf16 in the model; the optimizer updates fp32 copies "
             "and gradients are summed in fp32")
 
@@ -181,10 +183,9 @@ def check_master_weights(dtype: str, *, processes: int) -> None:
         raise ConfigError(f"train.master_weights: 'optimizer' needs bf16 weights, but model.dtype resolved to {dtype}; "
                           "set model.dtype=bf16 (a GPU or a CPU with native bf16) or train.master_weights=params")
     if processes > 1:
-        raise ConfigError("train.master_weights: 'optimizer' runs in a single process; for multi-GPU runs use FSDP's "
-                          "mixed precision or DeepSpeed's bf16 (they keep fp32 master weights themselves), or "
-                          "train.master_weights=params")
+        raise ConfigError(SINGLE_PROCESS_ONLY)
 
 
-def has_bf16_trainable(model: torch.nn.Module) -> bool:
-    return any(p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters())
+def bf16_trained(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The trained weights that get masters: bf16 ones (LoRA adapters are fp32 already)."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.bfloat16]

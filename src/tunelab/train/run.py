@@ -87,7 +87,8 @@ def run_training(
     dtype = precision.dtype
     check_train_machine(config)
     check_attention(config.model.attn_implementation)
-    if config.train.master_weights == "optimizer":
+    masters_in_optimizer = config.train.master_weights == "optimizer"
+    if masters_in_optimizer:
         check_master_weights(dtype, processes=int(os.environ.get("WORLD_SIZE", "1")))
     console.print(f"[bold]precision[/] {dtype}: {precision.reason}")
     allocator = describe_allocator(config.train.cpu_allocator)
@@ -120,7 +121,7 @@ def run_training(
     if config.train.liger_kernel:
         console.print(apply_liger_kernels(model))
     model = apply_method(model, config.method, new_token_ids)
-    if config.train.master_weights == "optimizer":  # bf16 weights stay; the optimizer keeps fp32 copies
+    if masters_in_optimizer:  # bf16 weights stay; the optimizer keeps fp32 copies
         console.print(master_weights_note(model))
     else:
         model = keep_trainable_fp32(model)
@@ -156,7 +157,7 @@ def run_training(
         batching=batching,
         lean_loss=config.train.lean_loss and not lean_off,
         activation_offload=config.train.activation_offload,
-        master_weights=config.train.master_weights == "optimizer",
+        master_weights=masters_in_optimizer,
     )
     trainer = make_trainer(model=model)
     compiled = compile_layers(model, config.train.torch_compile_backend) if config.train.torch_compile else []

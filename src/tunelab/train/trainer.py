@@ -17,8 +17,9 @@ from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.errors import RunError
 from tunelab.train.master_weights import (
     MASTER_FILE,
+    SINGLE_PROCESS_ONLY,
     MasterWeights,
-    has_bf16_trainable,
+    bf16_trained,
     load_masters_into_params,
     tensor_to_check,
 )
@@ -161,10 +162,9 @@ class TunelabTrainer(Trainer):
     def create_optimizer(self, model: Any = None) -> Any:
         optimizer = super().create_optimizer(model)
         # Only where bf16 weights train (full, freeze, hybrid's full phase): adapters are fp32 already.
-        if self.master_weights and self._masters is None and has_bf16_trainable(self.model):
-            if self.accelerator.distributed_type != DistributedType.NO:
-                raise RunError("train.master_weights=optimizer runs in a single process; use FSDP's mixed precision "
-                               "or DeepSpeed's bf16 for multi-process runs, or train.master_weights=params")
+        if self.master_weights and self._masters is None and bf16_trained(self.model):
+            if self.accelerator.distributed_type != DistributedType.NO:  # run.py refuses launches; this, the rest
+                raise RunError(SINGLE_PROCESS_ONLY)
             self._masters = MasterWeights(self.model)
             self._masters.attach(optimizer)
         return optimizer
@@ -176,9 +176,9 @@ class TunelabTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        # The checkpoint's model weights are the masters rounded to bf16; without its masters a resume would lose
-        # every update below bf16's resolution, so a checkpoint written with fp32 weights (master_weights=params)
-        # is refused rather than continued approximately.
+        # A checkpoint's model file holds the masters rounded to bf16: a resume reads the masters themselves, whichever
+        # setting resumes. With master_weights=optimizer, a checkpoint without them (written with fp32 weights) is
+        # refused: its fp32 values would be rounded to bf16 on loading, losing every update below bf16's resolution.
         if checkpoint is None:
             return
         if self._masters is not None and not self._masters.load(checkpoint):
