@@ -143,6 +143,9 @@ def main() -> None:
         except Exception as exc:  # one failing setting must not hide the others' numbers
             rows.append({"run": spec, "error": f"{type(exc).__name__}: {exc}"[:400]})
             print("RESULT", json.dumps(rows[-1]), flush=True)
+            del exc  # its traceback holds the failed run's tensors (an out-of-memory run's above all)
+            gc.collect()
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
             continue
         per_token = summary.get("model_flops_per_token") or 0
         stated = summary.get("stated_peak_tflops")

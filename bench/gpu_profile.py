@@ -70,11 +70,14 @@ def host_or_device(averages: object, recorded_steps: int) -> str:
     step = sum(e.cpu_time_total for e in averages if e.key.startswith("ProfilerStep")) / 1e3 / recorded_steps
     if not torch.cuda.is_available():
         return f"per recorded step: {step:.1f} ms"
-    # Kernel events only (device_type CUDA), as the table's "Self CUDA time total": the operators' own rows carry
-    # the time of the kernels they launched too, so summing every row counted each kernel twice (200% busy).
+    # Kernel events only, as the table's "Self CUDA time total" sums them: the operators' own rows carry the time of
+    # the kernels they launched too (summing every row counted each kernel twice, "200% busy"), and the
+    # ProfilerStep annotation has a CUDA-side event spanning the whole step (counting it gave "159% busy").
     from torch.autograd import DeviceType
 
-    busy = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3 / recorded_steps
+    busy = sum(e.self_device_time_total for e in averages
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    busy = busy / 1e3 / recorded_steps
     return f"per recorded step: {step:.1f} ms, of which GPU kernels {busy:.1f} ms ({busy / step:.0%} busy)"
 
 
