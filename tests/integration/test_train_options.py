@@ -119,7 +119,9 @@ def test_master_weights_in_the_optimizer_train_bf16_weights_and_resume_exactly(t
     output = io.StringIO()
     whole = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "whole", *mastered),
                          console=Console(file=output, width=200))
-    assert "master weights:" in output.getvalue() and "stay bf16 in the model" in output.getvalue()
+    assert "master weights optimizer (set by train.master_weights)" in output.getvalue()
+    assert "stay bf16 in the model" in output.getvalue()
+    assert whole.summary["master_weights"] == {"in": "optimizer", "reason": "set by train.master_weights"}
     assert {p.dtype for p in whole.model.parameters()} == {torch.bfloat16}
     assert (whole.output_dir / "checkpoint-3" / MASTER_FILE).is_file()
     assert whole.summary["did_it_train"]["ok"]

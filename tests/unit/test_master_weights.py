@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from tunelab.errors import ConfigError, RunError
-from tunelab.train.master_weights import MASTER_FILE, MasterWeights, check_master_weights, tensor_to_check
+from tunelab.train.master_weights import (
+    MASTER_FILE,
+    MasterWeights,
+    MasterWeightsChoice,
+    decide_master_weights,
+    tensor_to_check,
+)
 
 
 def bf16_model(value: float = 1.0) -> torch.nn.Module:
@@ -104,21 +110,51 @@ def test_only_bf16_trained_weights_get_masters():
     assert masters.names == ["0.weight"]
 
 
-@pytest.mark.parametrize(("dtype", "processes", "message"), [
-    ("fp32", 1, "train.master_weights: 'optimizer' needs bf16 weights, but model.dtype resolved to fp32"),
-    ("bf16", 2, "train.master_weights: 'optimizer' runs in a single process"),
+@pytest.mark.parametrize(("dtype", "env", "message"), [
+    ("fp32", {}, "train.master_weights: 'optimizer' needs bf16 weights, but model.dtype resolved to fp32"),
+    ("bf16", {"WORLD_SIZE": "2"}, "train.master_weights: 'optimizer' runs in a single process"),
+    ("bf16", {"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed's bf16"),  # one process, but DeepSpeed's own masters
 ])
-def test_unsupported_settings_are_refused(dtype, processes, message):
+def test_an_explicit_optimizer_setting_the_run_cannot_honour_is_refused(dtype, env, message):
     with pytest.raises(ConfigError, match=message):
-        check_master_weights(dtype, processes=processes)
-    check_master_weights("bf16", processes=1)
+        decide_master_weights("optimizer", dtype, env=env, cuda=True, resume_from=None)
+    assert decide_master_weights("optimizer", "bf16", env={}, cuda=False, resume_from=None).in_optimizer
 
 
-def test_the_note_says_when_there_is_nothing_to_do():
+def test_auto_picks_the_masters_only_for_bf16_on_one_cuda_process(tmp_path):
+    def decide(dtype="bf16", env=None, cuda=True, resume_from=None):
+        return decide_master_weights("auto", dtype, env=env or {}, cuda=cuda, resume_from=resume_from)
+
+    chosen = decide()
+    assert chosen.in_optimizer and chosen.reason.startswith("auto: bf16 on a CUDA GPU")
+    for choice, reason in [(decide(dtype="fp32"), "auto: fp32 weights"),
+                           (decide(dtype="fp16"), "auto: fp16 weights"),
+                           (decide(cuda=False), "auto: no CUDA GPU"),
+                           (decide(env={"WORLD_SIZE": "4"}), "auto: a multi-process or sharded launch"),
+                           (decide(env={"ACCELERATE_USE_FSDP": "1"}), "auto: a multi-process or sharded launch")]:
+        assert not choice.in_optimizer and choice.reason.startswith(reason), choice
+    # resuming: a checkpoint written with fp32 weights stays with them (the masters' mode would refuse it)
+    written_with_fp32 = tmp_path / "checkpoint-3"
+    written_with_fp32.mkdir()
+    assert decide(resume_from=written_with_fp32).reason == "auto: resuming checkpoint-3, written with fp32 weights"
+    (written_with_fp32 / MASTER_FILE).write_bytes(b"")
+    assert decide(resume_from=written_with_fp32).in_optimizer
+    assert not decide_master_weights("params", "bf16", env={}, cuda=True, resume_from=None).in_optimizer
+
+
+def test_the_note_says_what_was_chosen_and_stays_quiet_when_nothing_changes():
     from tunelab.train.master_weights import master_weights_note
 
-    assert "changes nothing here" in master_weights_note(torch.nn.Linear(2, 2))  # fp32 trainable (adapters)
-    assert "6 trained parameters stay bf16" in master_weights_note(torch.nn.Linear(2, 2).to(torch.bfloat16))
+    asked = MasterWeightsChoice(True, "set by train.master_weights")
+    auto = MasterWeightsChoice(True, "auto: bf16 on a CUDA GPU in one process")
+    adapters, half = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)  # fp32 trainable: adapters
+    assert "changes nothing here" in master_weights_note(adapters, asked)
+    assert master_weights_note(adapters, auto) == ""
+    assert master_weights_note(adapters, MasterWeightsChoice(False, "auto: no CUDA GPU")) == ""
+    assert "optimizer (auto: bf16 on a CUDA GPU in one process): 6 trained parameters stay bf16" in (
+        master_weights_note(half, auto))
+    assert "params (auto: no CUDA GPU): 6 trained parameters are fp32" in master_weights_note(
+        half, MasterWeightsChoice(False, "auto: no CUDA GPU"))
 
 
 def test_state_made_at_construction_moves_to_the_masters():

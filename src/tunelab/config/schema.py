@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -85,8 +85,10 @@ class DataConfig(Section):
     cache_dir: str | None = None
     """Folder of the tokenized-data cache; ``null`` uses ``$XDG_CACHE_HOME/tunelab/tokenized`` (else
     ``~/.cache/tunelab/tokenized``)."""
-    tokenize_workers: int = Field(1, ge=1)
-    """Processes that tokenize in parallel (1 tokenizes in this process)."""
+    tokenize_workers: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    """Processes that tokenize in parallel (1 tokenizes in this process). ``auto``: one per usable CPU (shared among
+    the training processes of a machine), at most 8, for data sets of 4,096 records or more; smaller ones tokenize
+    in this process, which is faster than starting workers for them. Results are the same either way."""
 
     @model_validator(mode="after")
     def _custom_template_needs_definition(self) -> DataConfig:
@@ -269,15 +271,18 @@ class TrainConfig(Section):
     time (bench/step_overhead.py); on an H100 such steps ran about 1.3× faster with it off, for 39% more training memory
     (gradient checkpointing saves far more when memory is short). Off by itself under ``torch_compile``,
     ``liger_kernel`` and ``gradient_checkpointing``, which recompute in their own way."""
-    master_weights: Literal["params", "optimizer"] = "params"
+    master_weights: Literal["auto", "params", "optimizer"] = "auto"
     """Where the fp32 copy of trained bf16 weights lives (full, freeze, hybrid's full phase, and bf16 weights that
     train beside adapters such as ``modules_to_save``; LoRA adapters are fp32 themselves). ``params``: the trained
     weights are fp32 in the model and compute runs under bf16 autocast, which casts them (and each projection's
-    input) at every forward. ``optimizer``: the model keeps them in bf16 and the optimizer updates fp32 copies,
-    with micro-batches' gradients summed in fp32 (as DeepSpeed's bf16 optimizer and FSDP mixed precision do): no
-    per-forward casts and a bf16 residual stream, for the same bytes per trained weight at a step's peak. Needs
-    ``model.dtype`` bf16 and a single process; checkpoints keep the fp32 copies for an exact resume. Speed effect on
-    a GPU not measured yet."""
+    input) at every forward, with an fp32 residual stream. ``optimizer``: the model keeps them in bf16 and the
+    optimizer updates fp32 copies, with micro-batches' gradients summed in fp32 (as DeepSpeed's bf16 optimizer and
+    FSDP mixed precision do): no per-forward casts and a bf16 residual stream, for the same bytes per trained weight
+    at a step's peak. On an H100, 3B full fine-tuning ran 1.29x the steps per second with ``optimizer`` (44% MFU
+    compiled, bench/RESULTS.md GPU pass 6); on a CPU bf16 weights are slower. Needs ``model.dtype`` bf16 and a
+    single process; checkpoints keep the fp32 copies for an exact resume. ``auto`` (default): ``optimizer`` for bf16
+    on a CUDA GPU in a single, unsharded process (unless resuming a checkpoint written with fp32 weights),
+    ``params`` otherwise; the choice and its reason are printed and kept in summary.json."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory, about a third more compute.
     Non-reentrant checkpointing, so it also works when the base is frozen (LoRA, freeze)."""

@@ -59,7 +59,7 @@ from tunelab.train.checkpoint import resolve_resume
 from tunelab.train.compile import compile_layers, uncompile
 from tunelab.train.hybrid import train_hybrid
 from tunelab.train.loss import lean_loss_unsupported
-from tunelab.train.master_weights import check_master_weights, master_weights_note
+from tunelab.train.master_weights import decide_master_weights, master_weights_note
 from tunelab.train.meter import TrainingCheckCallback, meter_summary
 from tunelab.train.preflight import check_train_machine
 
@@ -87,9 +87,8 @@ def run_training(
     dtype = precision.dtype
     check_train_machine(config)
     check_attention(config.model.attn_implementation)
-    masters_in_optimizer = config.train.master_weights == "optimizer"
-    if masters_in_optimizer:
-        check_master_weights(dtype, processes=int(os.environ.get("WORLD_SIZE", "1")))
+    masters = decide_master_weights(config.train.master_weights, dtype, env=os.environ,
+                                    cuda=torch.cuda.is_available(), resume_from=resume_from)
     console.print(f"[bold]precision[/] {dtype}: {precision.reason}")
     allocator = describe_allocator(config.train.cpu_allocator)
     console.print(f"[bold]allocator[/] {allocator['name']}: {allocator['reason']}")
@@ -121,9 +120,9 @@ def run_training(
     if config.train.liger_kernel:
         console.print(apply_liger_kernels(model))
     model = apply_method(model, config.method, new_token_ids)
-    if masters_in_optimizer:  # bf16 weights stay; the optimizer keeps fp32 copies
-        console.print(master_weights_note(model))
-    else:
+    if note := master_weights_note(model, masters):
+        console.print(note)
+    if not masters.in_optimizer:  # else bf16 weights stay, and the optimizer keeps fp32 copies
         model = keep_trainable_fp32(model)
     lean_layers = use_lean_activations(model, config.train, console)
     trainable, total = count_parameters(model)
@@ -157,7 +156,7 @@ def run_training(
         batching=batching,
         lean_loss=config.train.lean_loss and not lean_off,
         activation_offload=config.train.activation_offload,
-        master_weights=masters_in_optimizer,
+        master_weights=masters.in_optimizer,
     )
     trainer = make_trainer(model=model)
     compiled = compile_layers(model, config.train.torch_compile_backend) if config.train.torch_compile else []
@@ -179,11 +178,12 @@ def run_training(
 
     summary = build_summary(trainer, wall, trainable, total, data.stats)
     summary["precision"] = {"dtype": dtype, "reason": precision.reason}
+    summary["master_weights"] = {"in": "optimizer" if masters.in_optimizer else "params", "reason": masters.reason}
     summary["cpu_allocator"] = allocator
     summary["lean_activation_layers"] = lean_layers
     summary.update(timer.report())
     summary.update(method_summary)
-    meter, meter_lines = meter_summary(trainer, timer, check, batching=batching.mode, dtype=dtype)
+    meter, meter_lines = meter_summary(trainer, timer, check, batching=batching.mode, dtype=dtype, recorded=summary)
     summary.update(meter)
     for line in meter_lines:
         console.print(line)
