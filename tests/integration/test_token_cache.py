@@ -76,3 +76,23 @@ def test_parallel_workers_tokenize_identically(tiny_model, tmp_path):
     two = tokenize_splits(splits, template, tokenizer, config.model_copy(update={"tokenize_workers": 2}))
     assert len(one.train) > 512  # more than one worker chunk, so the pool really runs
     assert as_plain(one) == as_plain(two)
+
+
+def test_auto_workers_start_only_for_large_data_and_share_the_cpus():
+    from tunelab.data.build import tokenize_worker_count
+
+    assert tokenize_worker_count("auto", 4095, cpus=16, local_processes=1) == 1  # small: in this process
+    assert tokenize_worker_count("auto", 100_000, cpus=16, local_processes=1) == 8  # at most 8
+    assert tokenize_worker_count("auto", 100_000, cpus=2, local_processes=1) == 2
+    assert tokenize_worker_count("auto", 100_000, cpus=16, local_processes=8) == 2  # torchrun, 8 GPUs
+    assert tokenize_worker_count("auto", 100_000, cpus=4, local_processes=8) == 1
+    assert tokenize_worker_count(3, 10, cpus=1, local_processes=1) == 3  # as set
+
+
+def test_tokenize_workers_accepts_auto_or_a_positive_count():
+    from tunelab.errors import ConfigError
+
+    assert load_config(None, []).data.tokenize_workers == "auto"
+    assert load_config(None, ["data.tokenize_workers=4"]).data.tokenize_workers == 4
+    with pytest.raises(ConfigError, match="tokenize_workers"):
+        load_config(None, ["data.tokenize_workers=0"])

@@ -118,15 +118,31 @@ def test_bf16_keeps_fp32_master_weights_for_trained_parameters(tiny_model, arith
     frozen = {p.dtype for p in result.model.parameters() if not p.requires_grad}
     assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(x)) for x in losses(result.output_dir))
+    # train.master_weights=auto keeps the masters in the model without a CUDA GPU (bf16 weights train slower on a CPU)
+    if not torch.cuda.is_available():
+        assert result.summary["master_weights"]["in"] == "params"
+        assert result.summary["master_weights"]["reason"].startswith("auto: no CUDA GPU")
 
 
 def test_summary_reports_throughput(tiny_model, arithmetic_file, tmp_path):
-    result = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "run", "train.max_steps=6"))
+    import io
+
+    from rich.console import Console
+
+    printed = io.StringIO()
+    # logging_steps longer than the run: the first and last steps are logged all the same, so every check runs
+    result = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "run", "train.max_steps=6",
+                                     "train.logging_steps=10"), console=Console(file=printed, width=300))
     summary = result.summary
     assert summary["tokens_per_s"] > 0 and summary["steady_tokens_per_s"] > 0
     assert 0 < summary["median_step_s"] <= summary["p90_step_s"]
     assert summary["train_step_time_s"] <= summary["wall_time_s"]
     assert summary["peak_cpu_rss_mb"] > 0
+    assert (f"step time: median {summary['median_step_s']:.3g} s, p90 {summary['p90_step_s']:.3g} s after 3 warm-up "
+            f"steps; peak memory: CPU RSS {summary['peak_cpu_rss_mb']:,.0f} MB") in printed.getvalue()
+    checks = summary["did_it_train"]
+    assert len(losses(result.output_dir)) == 2 and checks["unchecked"] == []
+    assert checks["grad_norm_above_zero"] and checks["loss_fell"] is not None
 
 
 def test_skipped_records_go_to_rejects_and_test_split_is_never_trained_on(tiny_model, tmp_path):

@@ -63,7 +63,8 @@ def test_cpu_time_mfu_on_known_numbers(monkeypatch):
             return 4.0
 
     check = TrainingCheckCallback()
-    values, lines = meter_summary(Trainer(), Timer(), check, batching="padded", dtype="fp32")
+    recorded = {"median_step_s": 2.0, "p90_step_s": 2.5, "warmup_steps_excluded": 3, "peak_cpu_rss_mb": 1234.4}
+    values, lines = meter_summary(Trainer(), Timer(), check, batching="padded", dtype="fp32", recorded=recorded)
 
     assert values["achieved_tflops"] == 1e-4 and values["mfu_measured_peak"] == 0.001  # 1 GFLOP / 10 s / 0.1 TFLOP/s
     assert values["step_cpu_s"] == 4.0 and values["cpu_threads"] == 2
@@ -73,10 +74,11 @@ def test_cpu_time_mfu_on_known_numbers(monkeypatch):
     text = "\n".join(lines)
     assert "0.1% of the measured matmul peak (0.10 TFLOP/s) by wall time" in text
     assert "MFU by CPU time: 0.5% of the matmul peak per CPU-second" in text and "2 threads" in text
+    assert "step time: median 2 s, p90 2.5 s after 3 warm-up steps; peak memory: CPU RSS 1,234 MB" in lines
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on CUDA: the wall-clock figures only
     monkeypatch.setattr(meter, "stated_peak_tflops", lambda dtype: None)
-    values, _ = meter_summary(Trainer(), Timer(), check, batching="padded", dtype="fp32")
+    values, _ = meter_summary(Trainer(), Timer(), check, batching="padded", dtype="fp32", recorded=recorded)
     assert "mfu_measured_peak_cpu_time" not in values and values["mfu_measured_peak"] == 0.001
 
 
@@ -89,3 +91,26 @@ def test_measured_peak_per_cpu_second_uses_the_thread_count_it_is_keyed_by():
         torch.set_num_threads(threads)
     # One thread cannot use more CPU time than wall time, so per CPU-second it is at least the wall-clock rate.
     assert peak.threads == 1 and peak.tflops > 0 and peak.tflop_per_cpu_s >= 0.95 * peak.tflops
+
+
+def test_the_step_and_memory_line_names_gpu_memory_and_too_few_steps():
+    from tunelab.train.meter import step_and_memory_line
+
+    line = step_and_memory_line({"median_step_s": 0.01234, "p90_step_s": 0.02, "warmup_steps_excluded": 0,
+                                 "peak_cpu_rss_mb": 900.0, "peak_gpu_allocated_mb": 51682.8,
+                                 "peak_gpu_reserved_mb": 54668.0})
+    assert line == ("step time: median 0.0123 s, p90 0.02 s (every step: too few to leave warm-up out); peak memory: "
+                    "CPU RSS 900 MB, GPU allocated 51,683 MB, reserved 54,668 MB")
+    assert step_and_memory_line({"peak_cpu_rss_mb": 10.0}) == "peak memory: CPU RSS 10 MB"  # no step ran
+
+
+def test_the_first_and_last_steps_are_logged_whatever_logging_steps_says():
+    from types import SimpleNamespace
+
+    check = TrainingCheckCallback()
+    logged = []
+    for step in range(1, 8):
+        control = SimpleNamespace(should_log=False)
+        check.on_step_end(None, SimpleNamespace(global_step=step, max_steps=7), control)
+        logged.append(control.should_log)
+    assert logged == [True, False, False, False, False, False, True]

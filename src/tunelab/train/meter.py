@@ -67,7 +67,9 @@ class FedBatches:
 
 
 class TrainingCheckCallback(TrainerCallback):
-    """Remembers the norms of a few trainable tensors at the start, to tell at the end whether they moved."""
+    """Remembers the norms of a few trainable tensors at the start, to tell at the end whether they moved; and logs
+    the first and the last step whatever ``logging_steps`` says, so that the gradient-norm and loss checks have two
+    logged steps to read in a run shorter than ``logging_steps``."""
 
     SAMPLE = 16
 
@@ -81,6 +83,10 @@ class TrainingCheckCallback(TrainerCallback):
         step = max(1, len(trainable) // self.SAMPLE)
         self._tensors = dict(trainable[::step][: self.SAMPLE])
         self.before = self._norms()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == 1 or state.global_step >= state.max_steps:
+            control.should_log = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.after = self._norms()
@@ -101,6 +107,8 @@ class TrainingCheckCallback(TrainerCallback):
             "loss_fell": (sum(losses[-k:]) / k < sum(losses[:k]) / k) if len(losses) >= 2 else None,
         }
         checks["ok"] = all(v is not False for v in checks.values()) and checks["parameters_changed"] is True
+        # None: too little to tell (no gradient norm logged, one logged loss); "ok" then rests on the others
+        checks["unchecked"] = [name for name, value in checks.items() if value is None]
         checks["sampled_tensors"] = len(self.before)
         return checks
 
@@ -269,14 +277,28 @@ def throughput_report(trainer: Any, timer: Any, *, batching: str, dtype: str) ->
     return Throughput(values)
 
 
+def step_and_memory_line(summary: dict[str, Any]) -> str:
+    """The end-of-run line for step times after warm-up and peak memory (summary.json has the same numbers)."""
+    parts = []
+    if summary.get("median_step_s") is not None:
+        warmup = summary.get("warmup_steps_excluded", 0)
+        parts.append(f"step time: median {summary['median_step_s']:.3g} s, p90 {summary['p90_step_s']:.3g} s "
+                     + (f"after {warmup} warm-up steps" if warmup else "(every step: too few to leave warm-up out)"))
+    memory = f"peak memory: CPU RSS {summary['peak_cpu_rss_mb']:,.0f} MB"
+    if "peak_gpu_allocated_mb" in summary:
+        memory += (f", GPU allocated {summary['peak_gpu_allocated_mb']:,.0f} MB, reserved "
+                   f"{summary['peak_gpu_reserved_mb']:,.0f} MB")
+    return "; ".join([*parts, memory])
+
+
 def meter_summary(
-    trainer: Any, timer: Any, check: TrainingCheckCallback, *, batching: str, dtype: str
+    trainer: Any, timer: Any, check: TrainingCheckCallback, *, batching: str, dtype: str, recorded: dict[str, Any]
 ) -> tuple[dict[str, Any], list[str]]:
-    """summary.json additions and the end-of-run lines: throughput, MFU, and the "did it train" check (a warning
-    line for each check that failed)."""
+    """summary.json additions and the end-of-run lines: throughput, MFU, step times and peak memory (from
+    ``recorded``, the summary so far), and the "did it train" check (a warning line for each check that failed)."""
     throughput = throughput_report(trainer, timer, batching=batching, dtype=dtype)
     checks = check.report(trainer.state.log_history)
-    lines = throughput.lines()
+    lines = [*throughput.lines(), step_and_memory_line(recorded)]
     failed = {
         "grad_norm_above_zero": "every logged gradient norm was 0: nothing reached the trainable weights",
         "parameters_changed": "no sampled trainable tensor changed during training",
