@@ -25,7 +25,9 @@ in rotation A B C …, then reversed, so drifting machine load hits every tool; 
 full-fine-tuning rotations side by side (one process each on the 2 cores), the second one reversed. Each tool is
 measured by the same code (see ``peer_runner.py``): real (non-pad) and supervised tokens from the batches the tool
 actually feeds, CPU and wall time between optimizer-step ends after ``--warmup`` steps, the process's peak RSS, and
-the losses the tool logs each step. Ratios and targets use real tokens per CPU-second.
+the losses the tool logs each step. Ratios and targets use real tokens per CPU-second. After each table the script
+rewrites its marked block of ``bench/RESULTS.md`` (``--results-md``): the run's time, machine, load, command, each
+tool's exact versions and the tables; ``--render results.json`` writes that block from a finished run.
 """
 
 from __future__ import annotations
@@ -436,6 +438,49 @@ def markdown(method: str, table: list[dict], goal: dict) -> str:
     return "\n".join(lines)
 
 
+# The block of bench/RESULTS.md that the script keeps up to date (the prose around it is written by hand).
+RESULTS_BEGIN = "<!-- bench/sft_vs_peers.py writes from here: the latest run's tables -->"
+RESULTS_END = "<!-- bench/sft_vs_peers.py writes up to here -->"
+RESULTS_SECTION = "## `bench/sft_vs_peers.py`"
+
+
+def results_block(report: dict) -> str:
+    """The latest run as Markdown: when, where, what, the exact versions of each tool, and the tables."""
+    versions: dict[str, dict] = {}
+    for table in report["tables"].values():
+        for row in table["rows"]:
+            versions.setdefault(row["tool"], row["versions"])
+    load_before = ", ".join(f"{x:.1f}" for x in report["load_average_before"])
+    load_after = ", ".join(f"{x:.1f}" for x in report.get("load_average_after", []))
+    lines = [RESULTS_BEGIN, "",
+             f"Latest run, written by the script: {report['started']} to {report.get('finished', '?')}, "
+             f"{report['device']}, load average (1/5/15 min) {load_before} before and {load_after} after; "
+             f"tunelab {report['tunelab_rev']}; {report['threads']} torch thread(s) per run"
+             + (", the configurations side by side" if report["parallel"] else "") + ".",
+             "", f"Command: `{report['command']}`", "", f"Data: {report['data']}", "",
+             "Versions: " + "; ".join(f"{tool}: " + ", ".join(f"{k} {v}" for k, v in sorted(found.items()))
+                                      for tool, found in versions.items()), ""]
+    for table in report["tables"].values():
+        lines += [table["markdown"], ""]
+    return "\n".join([*lines, RESULTS_END])
+
+
+def write_results_md(path: Path, report: dict) -> None:
+    """Replace the script's block in ``path`` (or put one under the peer benchmark's heading, or at the end)."""
+    text = path.read_text("utf-8") if path.is_file() else "# Benchmark results\n"
+    block = results_block(report)
+    if RESULTS_BEGIN in text and RESULTS_END in text:
+        head, rest = text.split(RESULTS_BEGIN, 1)
+        text = head + block + rest.split(RESULTS_END, 1)[1]
+    elif RESULTS_SECTION in text:
+        head, rest = text.split(RESULTS_SECTION, 1)
+        heading, _, body = rest.partition("\n")
+        text = f"{head}{RESULTS_SECTION}{heading}\n\n{block}\n{body}"
+    else:
+        text = text.rstrip("\n") + f"\n\n{RESULTS_SECTION} — tunelab vs TRL vs LLaMA-Factory\n\n{block}\n"
+    path.write_text(text, "utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setup", action="store_true", help="create the peers' virtual environments and exit")
@@ -460,9 +505,17 @@ def main() -> None:
                              " default: all). The tables and targets are written only when tunelab's default row is"
                              " among them; with --reuse, rows run earlier into --out are read back instead of re-run")
     parser.add_argument("--out", default="bench/out-peers")
+    parser.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"),
+                        help="Markdown file whose marked block gets the tables and versions after each table "
+                             "('' to leave it alone)")
+    parser.add_argument("--render", metavar="RESULTS_JSON",
+                        help="only write --results-md from a finished run's results.json, and exit")
     args = parser.parse_args()
     if args.setup:
         setup_venvs()
+        return
+    if args.render:
+        write_results_md(Path(args.results_md), json.loads(Path(args.render).read_text("utf-8")))
         return
     for tool in PEERS:
         if not Path(python_of(tool)).is_file():
@@ -510,6 +563,9 @@ def main() -> None:
             report["load_average_after"] = os.getloadavg()
             (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))  # after each table
             print(f"wrote {out / 'results.json'}", flush=True)
+            if args.results_md and not args.rows:  # a partial run (--rows) is not the latest run's tables
+                write_results_md(Path(args.results_md), report)
+                print(f"wrote its tables into {args.results_md}", flush=True)
 
     if args.parallel:
         with ThreadPoolExecutor(len(methods)) as pool:
