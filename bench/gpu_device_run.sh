@@ -51,7 +51,7 @@ fi
 if has peers; then  # tunelab vs LLaMA-Factory (its own pinned stack, carried as wheels in .whlf) on one GPU
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lf .whlf/*.whl 2>&1 | tail -2
   part peers "${PEERS_LIMIT:-420}" python3 bench/gpu_peers.py --lf-path /tmp/lf --shape "${PEERS_SHAPE:-llama3-8b}" \
-    --out /tmp/peers ${PEERS_ROWS:+--rows "$PEERS_ROWS"}
+    --out /tmp/peers --steps "${PEERS_STEPS:-20}" ${PEERS_ROWS:+--rows "$PEERS_ROWS"}
   cp /tmp/peers/peers.json /tmp/peers/peers.md "$OUT/" 2>/dev/null
   # later parts reuse its model (gpu_mfu.py and gpu_profile.py look in their --out for model-SHAPE)
   [ -f /tmp/peers/model/config.json ] && mkdir -p /tmp/mfu && ln -sfn /tmp/peers/model "/tmp/mfu/model-${PEERS_SHAPE:-llama3-8b}"

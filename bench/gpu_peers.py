@@ -38,6 +38,7 @@ LABELS = {
     ("tunelab", "padding_free_compile"): "tunelab, default + train.torch_compile=true",
     ("tunelab", "padding_free_gc"): "tunelab, default + train.gradient_checkpointing=true",
     ("tunelab", "packed"): "tunelab, data.batching=packed (rows of cutoff tokens)",
+    ("tunelab", "packed_gc"): "tunelab, data.batching=packed + train.gradient_checkpointing=true",
     ("llamafactory", "padded"): "LLaMA-Factory, default (padded, grad. checkpointing on)",
     ("llamafactory", "neat_packing_nogc"): "LLaMA-Factory, neat_packing, checkpointing off (its fastest)",
     ("llamafactory", "neat_packing"): "LLaMA-Factory, neat_packing (checkpointing on)",

@@ -243,6 +243,7 @@ TUNELAB_MODES: dict[str, tuple[str, str, list[str]]] = {
     "padding_free": ("padding_free", "fp32", []),
     "padded": ("padded", "fp32", []),
     "packed": ("packed", "fp32", []),
+    "packed_gc": ("packed", "fp32", ["train.gradient_checkpointing=true"]),
     "padding_free_bf16": ("padding_free", "bf16", []),
     "padding_free_gc": ("padding_free", "fp32", ["train.gradient_checkpointing=true"]),
     "padding_free_glibc": ("padding_free", "fp32", ["train.cpu_allocator=system"]),
