@@ -269,8 +269,9 @@ class TrainConfig(Section):
     attention's joined output. Same gradients bit for bit; on the peer bench's LoRA job (CPU) 23% less peak RSS
     for about 5% slower steps (bench/RESULTS.md). Steps too short to keep the device busy pay more: 22–23% more host
     time (bench/step_overhead.py); on an H100 such steps ran about 1.3× faster with it off, for 39% more training memory
-    (gradient checkpointing saves far more when memory is short). Off by itself under ``torch_compile``,
-    ``liger_kernel`` and ``gradient_checkpointing``, which recompute in their own way."""
+    (gradient checkpointing saves far more when memory is short); a profile put that cost on the host (the GPU's own
+    work differed by 7%). Off by itself under ``torch_compile``, ``liger_kernel`` and ``gradient_checkpointing``,
+    which recompute in their own way, and under ``activation_offload``, which moves every saved tensor."""
     master_weights: Literal["auto", "params", "optimizer"] = "auto"
     """Where the fp32 copy of trained bf16 weights lives (full, freeze, hybrid's full phase, and bf16 weights that
     train beside adapters such as ``modules_to_save``; LoRA adapters are fp32 themselves). ``params``: the trained

@@ -206,7 +206,8 @@ def use_lean_activations(model: Any, train: TrainConfig, console: Console) -> in
     if not train.lean_activations:
         return 0
     off = lean_activations_problem(torch_compile=train.torch_compile, liger_kernel=train.liger_kernel,
-                                   gradient_checkpointing=train.gradient_checkpointing)
+                                   gradient_checkpointing=train.gradient_checkpointing,
+                                   activation_offload=train.activation_offload)
     patched = 0 if off else apply_lean_activations(model)
     if off:
         console.print(f"lean activations off: {off}")
