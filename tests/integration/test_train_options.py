@@ -119,7 +119,7 @@ def test_master_weights_in_the_optimizer_train_bf16_weights_and_resume_exactly(t
     output = io.StringIO()
     whole = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "whole", *mastered),
                          console=Console(file=output, width=200))
-    assert "master weights optimizer (set by train.master_weights)" in output.getvalue()
+    assert "master weights optimizer:" in output.getvalue() and "(set by train.master_weights)" in output.getvalue()
     assert "stay bf16 in the model" in output.getvalue()
     assert whole.summary["master_weights"] == {"in": "optimizer", "reason": "set by train.master_weights"}
     assert {p.dtype for p in whole.model.parameters()} == {torch.bfloat16}

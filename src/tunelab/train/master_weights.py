@@ -177,10 +177,10 @@ def master_weights_note(model: torch.nn.Module, choice: MasterWeightsChoice) -> 
                 "changes nothing here") if asked else ""
     count = sum(p.numel() for _, p in half)
     if choice.in_optimizer:
-        return (f"master weights optimizer ({choice.reason}): {count:,} trained parameters stay bf16 in the model; "
-                "the optimizer updates fp32 copies and gradients are summed in fp32")
-    return (f"master weights params ({choice.reason}): {count:,} trained parameters are fp32 in the model, under "
-            "bf16 autocast")
+        return (f"master weights optimizer: {count:,} trained parameters stay bf16 in the model; the optimizer "
+                f"updates fp32 copies and gradients are summed in fp32 ({choice.reason})")
+    return (f"master weights params: {count:,} trained parameters are fp32 in the model, under bf16 autocast "
+            f"({choice.reason})")
 
 
 @dataclass(frozen=True)
@@ -214,15 +214,15 @@ def decide_master_weights(setting: str, dtype: str, *, env: Mapping[str, str], c
     if dtype != "bf16":
         return MasterWeightsChoice(False, f"auto: {dtype} weights")
     if processes > 1 or sharded:
-        return MasterWeightsChoice(False, "auto: a multi-process or sharded launch (DDP keeps fp32 weights; FSDP "
-                                          "and DeepSpeed keep fp32 masters of their own)")
+        return MasterWeightsChoice(False, "auto: a multi-process or sharded launch; DDP keeps fp32 weights, FSDP "
+                                          "and DeepSpeed keep fp32 masters of their own")
     if not cuda:
-        return MasterWeightsChoice(False, "auto: no CUDA GPU (on a CPU bf16 weights train slower than fp32 ones "
-                                          "under autocast: bench/cpu_precision.py)")
+        return MasterWeightsChoice(False, "auto: no CUDA GPU; on a CPU bf16 weights train slower than fp32 ones "
+                                          "under autocast (bench/cpu_precision.py)")
     if resume_from is not None and not (resume_from / MASTER_FILE).is_file():
         return MasterWeightsChoice(False, f"auto: resuming {resume_from.name}, written with fp32 weights")
-    return MasterWeightsChoice(True, "auto: bf16 on a CUDA GPU in one process (3B full fine-tuning on an H100: "
-                                     "1.29x the steps per second of fp32 weights, bench/RESULTS.md GPU pass 6)")
+    return MasterWeightsChoice(True, "auto: bf16 on a CUDA GPU in one process; 3B full fine-tuning on an H100 ran "
+                                     "1.29x the steps per second of fp32 weights (bench/RESULTS.md, GPU pass 6)")
 
 
 def bf16_trained(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
