@@ -134,6 +134,7 @@ def main() -> None:
         method, *own = rest.split("+")
         folder = out / f"model-{shape}"
         started = time.perf_counter()
+        failed = None
         try:
             if not (folder / "config.json").is_file():
                 build_model(folder, shape, args.seq)
@@ -141,11 +142,13 @@ def main() -> None:
             run_dir = out / f"run-{index}-{shape}-{method}"
             summary = train(folder, data, run_dir, method, args.seq, args.batch, args.steps, [*extra, *own])
         except Exception as exc:  # one failing setting must not hide the others' numbers
-            rows.append({"run": spec, "error": f"{type(exc).__name__}: {exc}"[:400]})
-            print("RESULT", json.dumps(rows[-1]), flush=True)
-            del exc  # its traceback holds the failed run's tensors (an out-of-memory run's above all)
+            failed = f"{type(exc).__name__}: {exc}"[:400]
+        if failed is not None:
+            # Out of the except block: until it ends, the traceback holds the failed run's frames and tensors.
             gc.collect()
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            rows.append({"run": spec, "error": failed})
+            print("RESULT", json.dumps(rows[-1]), flush=True)
             continue
         per_token = summary.get("model_flops_per_token") or 0
         stated = summary.get("stated_peak_tflops")

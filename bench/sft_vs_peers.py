@@ -455,8 +455,8 @@ def results_block(report: dict) -> str:
     lines = [RESULTS_BEGIN, "",
              f"Latest run, written by the script: {report['started']} to {report.get('finished', '?')}, "
              f"{report['device']}, load average (1/5/15 min) {load_before} before and {load_after} after; "
-             f"tunelab {report['tunelab_rev']}; {report['threads']} torch thread(s) per run"
-             + (", the configurations side by side" if report["parallel"] else "") + ".",
+             f"tunelab {report.get('tunelab_rev', '?')}; {report.get('threads', '?')} torch thread(s) per run"
+             + (", the configurations side by side" if report.get("parallel") else "") + ".",
              "", f"Command: `{report['command']}`", "", f"Data: {report['data']}", "",
              "Versions: " + "; ".join(f"{tool}: " + ", ".join(f"{k} {v}" for k, v in sorted(found.items()))
                                       for tool, found in versions.items()), ""]
@@ -472,6 +472,8 @@ def write_results_md(path: Path, report: dict) -> None:
     if RESULTS_BEGIN in text and RESULTS_END in text:
         head, rest = text.split(RESULTS_BEGIN, 1)
         text = head + block + rest.split(RESULTS_END, 1)[1]
+    elif RESULTS_BEGIN in text or RESULTS_END in text:
+        raise SystemExit(f"{path} has one of the markers of the script's block but not the other: fix it by hand")
     elif RESULTS_SECTION in text:
         head, rest = text.split(RESULTS_SECTION, 1)
         heading, _, body = rest.partition("\n")

@@ -96,3 +96,27 @@ def test_tokenize_workers_accepts_auto_or_a_positive_count():
     assert load_config(None, ["data.tokenize_workers=4"]).data.tokenize_workers == 4
     with pytest.raises(ConfigError, match="tokenize_workers"):
         load_config(None, ["data.tokenize_workers=0"])
+
+
+def test_usable_cpus_follow_a_container_quota(tmp_path):
+    import os
+
+    from tunelab.data.build import _usable_cpus
+
+    visible = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert _usable_cpus(cpu_max) == visible
+    cpu_max.write_text("50000 100000\n")  # half a CPU: one worker at least
+    assert _usable_cpus(cpu_max) == 1
+    assert _usable_cpus(tmp_path / "missing") == visible
+
+
+def test_workers_leave_the_tokenizers_setting_as_it_was(tiny_model, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    data = write_jsonl(tmp_path / "arith.jsonl", arithmetic_rows(600))
+    splits, template, tokenizer, config = prepare(tiny_model, data, tmp_path / "cache")
+    tokenize_splits(splits, template, tokenizer, config.model_copy(update={"tokenize_workers": 2}))
+    assert "TOKENIZERS_PARALLELISM" not in os.environ

@@ -111,17 +111,39 @@ def test_nonfinite_loss_stops_the_run(tiny_model, arithmetic_file, tmp_path):
         run_training(config_for(broken, arithmetic_file, tmp_path / "run", "train.max_steps=3", "method.name=full"))
 
 
-def test_bf16_keeps_fp32_master_weights_for_trained_parameters(tiny_model, arithmetic_file, tmp_path):
+def test_bf16_keeps_fp32_master_weights_for_trained_parameters(tiny_model, arithmetic_file, tmp_path, monkeypatch):
+    from tunelab.train import run as run_module
+
+    # train.master_weights=auto keeps the fp32 copies in the model where no CUDA GPU is seen (bf16 weights train
+    # slower on a CPU); pinned to "no GPU" so that the test asks the same on a GPU machine
+    monkeypatch.setattr(run_module.torch.cuda, "device_count", lambda: 0)
     result = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "run", "model.dtype=bf16",
                                      "method.name=freeze", "method.freeze.trainable_layers=1", "train.max_steps=3"))
     dtypes = {p.dtype for p in result.model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in result.model.parameters() if not p.requires_grad}
     assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(x)) for x in losses(result.output_dir))
-    # train.master_weights=auto keeps the masters in the model without a CUDA GPU (bf16 weights train slower on a CPU)
-    if not torch.cuda.is_available():
-        assert result.summary["master_weights"]["in"] == "params"
-        assert result.summary["master_weights"]["reason"].startswith("auto: no CUDA GPU")
+    assert result.summary["master_weights"]["in"] == "params"
+    assert result.summary["master_weights"]["reason"].startswith("auto: no CUDA GPU")
+
+
+def test_auto_master_weights_on_one_gpu_keep_bf16_weights_with_fp32_copies(tiny_model, arithmetic_file, tmp_path,
+                                                                          monkeypatch):
+    from tunelab.train import run as run_module
+    from tunelab.train.master_weights import MASTER_FILE, decide_master_weights
+
+    # What `auto` decides on one CUDA GPU, run on this CPU: the wiring from the decision to the Trainer
+    monkeypatch.setattr(run_module, "decide_master_weights",
+                        lambda *a, **k: decide_master_weights(*a, **{**k, "cuda_devices": 1}))
+    result = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "run", "model.dtype=bf16",
+                                     "method.name=full", "train.max_steps=2", "train.save_steps=2"))
+    assert result.summary["master_weights"]["in"] == "optimizer"
+    assert result.summary["master_weights"]["reason"].startswith("auto: bf16 on one CUDA GPU")
+    assert {p.dtype for p in result.model.parameters()} == {torch.bfloat16}
+    assert (result.output_dir / "checkpoint-2" / MASTER_FILE).is_file() and result.summary["did_it_train"]["ok"]
+    lora = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "lora", "model.dtype=bf16",
+                                   "method.name=lora", "train.max_steps=1"))
+    assert lora.summary["master_weights"]["in"] == "none"  # adapters are fp32: nothing to copy
 
 
 def test_summary_reports_throughput(tiny_model, arithmetic_file, tmp_path):
@@ -172,7 +194,8 @@ def test_bf16_full_tuning_saves_bf16_weights(tiny_model, arithmetic_file, tmp_pa
     from safetensors import safe_open
 
     result = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "run", "model.dtype=bf16",
-                                     "method.name=full", "train.max_steps=2", "train.save_steps=2"))
+                                     "method.name=full", "train.max_steps=2", "train.save_steps=2",
+                                     "train.master_weights=params"))  # fp32 trained weights: checkpoints hold them
     with safe_open(result.output_dir / "model.safetensors", "pt") as final:
         assert {final.get_tensor(k).dtype for k in final.keys()} == {torch.bfloat16}  # noqa: SIM118 (safe_open is not iterable)
     with safe_open(result.output_dir / "checkpoint-2" / "model.safetensors", "pt") as checkpoint:

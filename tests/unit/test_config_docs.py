@@ -113,3 +113,13 @@ def test_intro_says_how_to_regenerate_and_override():
     intro = render_config_docs().split("\n## ", 1)[0]
     assert "python scripts/gen_config_docs.py" in intro
     assert "tunelab train CONFIG.yaml train.max_steps=50" in intro
+
+
+def test_a_constrained_member_of_a_union_reads_as_its_type_and_bounds():
+    from typing import Annotated, Literal
+
+    from pydantic import Field
+
+    from tunelab.config.docs import _describe_type
+
+    assert _describe_type(Literal["auto"] | Annotated[int, Field(ge=1)]) == "`auto` or integer (>= 1)"

@@ -252,3 +252,12 @@ def test_the_train_switch_and_what_turns_it_off():
     count, patched, printed = layers_patched(gradient_checkpointing=True)
     assert count == 0 and not any(patched)
     assert "lean activations off: gradient checkpointing recomputes the whole layer" in printed
+
+
+def test_patching_twice_changes_nothing_more():
+    model = tiny_model("qwen2", "full", "fp32")
+    ids = torch.randint(0, 211, (2, 16))
+    once = step(model, {"input_ids": ids, "labels": ids}, lean=True, bf16=False)
+    assert apply_lean_activations(model) == LAYERS and apply_lean_activations(model) == LAYERS
+    twice = step(model, {"input_ids": ids, "labels": ids}, lean=True, bf16=False)  # step patches its copy again
+    assert torch.equal(once[0], twice[0]) and once[2] == twice[2] and twice[3] == []

@@ -117,21 +117,24 @@ def test_only_bf16_trained_weights_get_masters():
 ])
 def test_an_explicit_optimizer_setting_the_run_cannot_honour_is_refused(dtype, env, message):
     with pytest.raises(ConfigError, match=message):
-        decide_master_weights("optimizer", dtype, env=env, cuda=True, resume_from=None)
-    assert decide_master_weights("optimizer", "bf16", env={}, cuda=False, resume_from=None).in_optimizer
+        decide_master_weights("optimizer", dtype, env=env, cuda_devices=1, resume_from=None)
+    assert decide_master_weights("optimizer", "bf16", env={}, cuda_devices=0, resume_from=None).in_optimizer
 
 
 def test_auto_picks_the_masters_only_for_bf16_on_one_cuda_process(tmp_path):
-    def decide(dtype="bf16", env=None, cuda=True, resume_from=None):
-        return decide_master_weights("auto", dtype, env=env or {}, cuda=cuda, resume_from=resume_from)
+    def decide(dtype="bf16", env=None, gpus=1, resume_from=None):
+        return decide_master_weights("auto", dtype, env=env or {}, cuda_devices=gpus, resume_from=resume_from)
 
     chosen = decide()
-    assert chosen.in_optimizer and chosen.reason.startswith("auto: bf16 on a CUDA GPU")
+    assert chosen.in_optimizer and chosen.reason.startswith("auto: bf16 on one CUDA GPU")
+    assert decide(env={"WORLD_SIZE": ""}).in_optimizer  # an empty variable is no launch
     for choice, reason in [(decide(dtype="fp32"), "auto: fp32 weights"),
                            (decide(dtype="fp16"), "auto: fp16 weights"),
-                           (decide(cuda=False), "auto: no CUDA GPU"),
+                           (decide(gpus=0), "auto: no CUDA GPU"),
+                           (decide(gpus=2), "auto: 2 GPUs in one process"),
                            (decide(env={"WORLD_SIZE": "4"}), "auto: a multi-process or sharded launch"),
-                           (decide(env={"ACCELERATE_USE_FSDP": "1"}), "auto: a multi-process or sharded launch")]:
+                           (decide(env={"ACCELERATE_USE_FSDP": "1"}), "auto: a multi-process or sharded launch"),
+                           (decide(env={"ACCELERATE_USE_DEEPSPEED": "True"}), "auto: a multi-process or sharded")]:
         assert not choice.in_optimizer and choice.reason.startswith(reason), choice
     # resuming: a checkpoint written with fp32 weights stays with them (the masters' mode would refuse it)
     written_with_fp32 = tmp_path / "checkpoint-3"
@@ -139,20 +142,33 @@ def test_auto_picks_the_masters_only_for_bf16_on_one_cuda_process(tmp_path):
     assert decide(resume_from=written_with_fp32).reason == "auto: resuming checkpoint-3, written with fp32 weights"
     (written_with_fp32 / MASTER_FILE).write_bytes(b"")
     assert decide(resume_from=written_with_fp32).in_optimizer
-    assert not decide_master_weights("params", "bf16", env={}, cuda=True, resume_from=None).in_optimizer
+    adapters = tmp_path / "checkpoint-5"  # hybrid's LoRA phase: nothing bf16 trains, no rule about fp32 weights
+    adapters.mkdir()
+    (adapters / "adapter_config.json").write_text("{}")
+    assert decide(resume_from=adapters).in_optimizer
+    assert not decide_master_weights("params", "bf16", env={}, cuda_devices=1, resume_from=None).in_optimizer
+
+
+def test_the_summary_record_says_none_where_nothing_bf16_trains():
+    from tunelab.train.master_weights import master_weights_record
+
+    auto = MasterWeightsChoice(True, "auto: bf16 on one CUDA GPU in one process")
+    assert master_weights_record(torch.nn.Linear(2, 2), auto)["in"] == "none"  # LoRA: adapters are fp32
+    assert master_weights_record(torch.nn.Linear(2, 2).to(torch.bfloat16), auto) == {"in": "optimizer",
+                                                                                     "reason": auto.reason}
 
 
 def test_the_note_says_what_was_chosen_and_stays_quiet_when_nothing_changes():
     from tunelab.train.master_weights import master_weights_note
 
     asked = MasterWeightsChoice(True, "set by train.master_weights")
-    auto = MasterWeightsChoice(True, "auto: bf16 on a CUDA GPU in one process")
+    auto = MasterWeightsChoice(True, "auto: bf16 on one CUDA GPU in one process")
     adapters, half = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)  # fp32 trainable: adapters
     assert "changes nothing here" in master_weights_note(adapters, asked)
     assert master_weights_note(adapters, auto) == ""
     assert master_weights_note(adapters, MasterWeightsChoice(False, "auto: no CUDA GPU")) == ""
     assert master_weights_note(half, auto).startswith("master weights optimizer: 6 trained parameters stay bf16")
-    assert master_weights_note(half, auto).endswith("(auto: bf16 on a CUDA GPU in one process)")
+    assert master_weights_note(half, auto).endswith("(auto: bf16 on one CUDA GPU in one process)")
     assert master_weights_note(half, MasterWeightsChoice(False, "auto: no CUDA GPU")) == (
         "master weights params: 6 trained parameters are fp32 in the model, under bf16 autocast (auto: no CUDA GPU)")
 

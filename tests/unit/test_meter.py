@@ -107,10 +107,17 @@ def test_the_step_and_memory_line_names_gpu_memory_and_too_few_steps():
 def test_the_first_and_last_steps_are_logged_whatever_logging_steps_says():
     from types import SimpleNamespace
 
-    check = TrainingCheckCallback()
-    logged = []
-    for step in range(1, 8):
-        control = SimpleNamespace(should_log=False)
-        check.on_step_end(None, SimpleNamespace(global_step=step, max_steps=7), control)
-        logged.append(control.should_log)
-    assert logged == [True, False, False, False, False, False, True]
+    def logged_steps(max_steps: int, logging_steps: int) -> list[int]:
+        check, history, steps = TrainingCheckCallback(), [], []
+        for step in range(1, max_steps + 1):
+            control = SimpleNamespace(should_log=step % logging_steps == 0)
+            check.on_step_end(None, SimpleNamespace(global_step=step, max_steps=max_steps, log_history=history),
+                              control)
+            if control.should_log:
+                history.append({"loss": 1.0, "step": step})
+                steps.append(step)
+        return steps
+
+    assert logged_steps(7, 10) == [1, 7]  # shorter than logging_steps: the first and the last
+    assert logged_steps(21, 10) == [1, 10, 20]  # long enough: no one-step window at the end
+    assert logged_steps(4, 1) == [1, 2, 3, 4]

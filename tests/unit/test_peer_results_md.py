@@ -40,3 +40,16 @@ def test_a_file_without_the_section_gets_one_at_the_end(tmp_path):
     sft_vs_peers.write_results_md(results, report("one"))
     text = results.read_text("utf-8")
     assert text.index("## something else") < text.index("## `bench/sft_vs_peers.py`") < text.index("| table one |")
+
+
+def test_an_older_report_renders_and_a_lone_marker_is_refused(tmp_path):
+    import pytest
+
+    old = report("old")
+    del old["threads"], old["parallel"]  # results.json of runs before those fields existed
+    results = tmp_path / "RESULTS.md"
+    sft_vs_peers.write_results_md(results, old)
+    assert "? torch thread(s) per run." in results.read_text("utf-8")
+    results.write_text(f"# Benchmark results\n\n{sft_vs_peers.RESULTS_BEGIN}\n", "utf-8")
+    with pytest.raises(SystemExit, match="one of the markers"):
+        sft_vs_peers.write_results_md(results, report("one"))

@@ -429,3 +429,23 @@ def test_lora_input_casts_left_to_autocast_change_no_bit(tiny_model, tmp_path, m
     else:
         # per adapted layer, at least peft's cast to fp32 and autocast's cast back in the forward
         assert cast_copies - skipped_copies >= 2 * len(lora_layers)
+
+
+def test_several_gpus_in_one_process_train_on_one_instead_of_dataparallel(monkeypatch, tmp_path):
+    import torch
+
+    from tunelab.config import hf_args
+    from tunelab.config.load import load_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert hf_args.gpus_without_launcher({}) == 4
+    assert hf_args.gpus_without_launcher({"WORLD_SIZE": "4"}) == 0  # torchrun: one GPU per process already
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hf_args.gpus_without_launcher({}) == 0
+
+    # the Trainer reads n_gpu to decide on DataParallel; pinned to 1 after the device setup that would set it
+    monkeypatch.setattr(hf_args, "gpus_without_launcher", lambda: 4)
+    args = hf_args.training_arguments(load_config(None, [f"train.output_dir={tmp_path}"]), dtype="fp32",
+                                      has_validation=False)
+    assert args.n_gpu == 1

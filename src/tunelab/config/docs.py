@@ -128,6 +128,11 @@ def _describe_type(annotation: Any, key: str = "") -> str:
     args = typing.get_args(annotation)
     if origin is Literal:
         return "`" + " | ".join(_scalar(a) for a in args) + "`"
+    if origin is typing.Annotated:  # a constrained member of a union, e.g. ``Literal["auto"] | Annotated[int, ...]``
+        base, *extras = args
+        items = [m for e in extras for m in (e.metadata if isinstance(e, FieldInfo) else [e])]
+        words = _constraint_words(items)
+        return _describe_type(base, key) + (f" ({', '.join(words)})" if words else "")
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe_type(a, key) for a in args)
     if origin in (list, tuple, set, frozenset) or annotation in (list, tuple):
@@ -157,15 +162,19 @@ def _describe_default(info: FieldInfo) -> str:
 
 
 def _describe_constraints(info: FieldInfo) -> str:
+    return ", ".join(_constraint_words(info.metadata))
+
+
+def _constraint_words(items: list[Any]) -> list[str]:
     words = []
-    for item in info.metadata:
+    for item in items:
         for kind, attr, template in _CONSTRAINT_WORDS:
             if isinstance(item, kind):
                 words.append(template.format(_scalar(getattr(item, attr))))
                 break
         else:
             words.append(str(item))  # a constraint this table does not know yet: still shown, just less pretty
-    return ", ".join(words)
+    return words
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:

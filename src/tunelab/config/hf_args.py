@@ -42,7 +42,7 @@ def training_arguments(
     eval_strategy = "no"
     if has_validation:
         eval_strategy = "steps" if train.eval_steps is not None else "epoch"
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=train.output_dir,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler_type,
@@ -83,6 +83,25 @@ def training_arguments(
         disable_tqdm=True,  # tunelab draws its own bar with loss, lr and tokens/s
         dataloader_num_workers=0,
     )
+    if gpus_without_launcher() > 1:
+        # One GPU per process: with several GPUs visible and no launcher the Trainer would wrap the model in
+        # DataParallel, slower than DDP and unable to run tunelab's per-module patches (lean activations, master
+        # weights) on its replicas. run.py says how to use every GPU.
+        _ = args.device  # sets _n_gpu from the visible GPUs, which the next line overrides
+        args._n_gpu = 1
+    return args
+
+
+def gpus_without_launcher(env: dict[str, str] | None = None) -> int:
+    """CUDA devices this process sees when no launcher (torchrun, accelerate) started it; 0 otherwise."""
+    import os
+
+    import torch
+
+    env = os.environ if env is None else env
+    if env.get("WORLD_SIZE") or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count()
 
 
 def _cuda_available() -> bool:

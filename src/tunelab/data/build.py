@@ -103,10 +103,27 @@ def tokenize_worker_count(setting: int | str, records: int, *, cpus: int, local_
     return max(1, min(_AUTO_MAX_WORKERS, cpus // max(1, local_processes)))
 
 
-def _usable_cpus() -> int:
+def _usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may run on, and no more than a container's CPU quota (cgroup v2 ``cpu.max``) allows."""
+    import math
     import os
 
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def _fork_context() -> Any:
+    """Forked workers inherit the template and tokenizer without pickling them and need no ``__main__`` guard in
+    the caller's script; ``None`` where the platform cannot fork (Windows)."""
+    import multiprocessing
+
+    return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def _tokenize_records(
@@ -118,8 +135,9 @@ def _tokenize_records(
     from tqdm.auto import tqdm
 
     workers = tokenize_worker_count(config.tokenize_workers, len(records), cpus=_usable_cpus(),
-                                    local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if len(records) <= _WORKER_CHUNK:
+                                    local_processes=int(os.environ.get("LOCAL_WORLD_SIZE") or "1"))
+    context = _fork_context()
+    if len(records) <= _WORKER_CHUNK or (context is None and config.tokenize_workers == "auto"):
         workers = 1
     bar = tqdm(total=len(records), desc=f"tokenize {name}" + (f" ({workers} processes)" if workers > 1 else ""),
                unit="rec", mininterval=0.5, disable=len(records) < _WORKER_CHUNK)
@@ -131,14 +149,22 @@ def _tokenize_records(
             return
         from concurrent.futures import ProcessPoolExecutor
 
-        # The workers are forked; the Rust tokenizer's own thread pool must not be live across the fork.
+        # The workers are forked: the Rust tokenizer's own thread pool must stay off in them (the variable is read
+        # in the child), and this process's setting comes back afterwards.
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         chunks = [records[i : i + _WORKER_CHUNK] for i in range(0, len(records), _WORKER_CHUNK)]
-        with ProcessPoolExecutor(workers, initializer=_init_worker,
-                                 initargs=(template, tokenizer, config.cutoff_len, config.train_on)) as pool:
-            for examples in pool.map(_tokenize_chunk, chunks):
-                yield from examples
-                bar.update(len(examples))
+        try:
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                     initargs=(template, tokenizer, config.cutoff_len, config.train_on)) as pool:
+                for examples in pool.map(_tokenize_chunk, chunks):
+                    yield from examples
+                    bar.update(len(examples))
+        finally:
+            if before is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
     finally:
         bar.close()
 

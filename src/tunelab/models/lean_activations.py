@@ -268,6 +268,10 @@ def apply_lean_activations(model: torch.nn.Module) -> int:
     for layer in model.modules():
         if type(layer).__name__ not in DECODER_LAYER_CLASSES:
             continue
+        forward = layer.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is lean_layer_forward:  # patched before
+            patched += 1
+            continue
         patch_swiglu_mlp(layer.mlp)
         for name in ("input_layernorm", "post_attention_layernorm"):
             norm = getattr(layer, name, None)

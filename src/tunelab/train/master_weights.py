@@ -1,10 +1,11 @@
 """bf16 trained weights in the model, fp32 master copies in the optimizer (``train.master_weights: optimizer``).
 
-By default (``params``) full and freeze fine-tuning keep the trained weights themselves in fp32 and compute under
-bf16 autocast: every forward casts each weight to bf16 again, the residual stream and the norms run in fp32, and each
-projection casts its fp32 input to bf16 on its own. On an H100, copy kernels (these casts among them) took 14% and
-fp32 elementwise work 11% of a 3B full fine-tuning step's kernel time (bench/RESULTS.md, "GPU pass 5"). Here the
-model holds its trained weights in bf16, as a LoRA base is held, and the optimizer updates fp32 copies:
+With ``params`` (the choice of ``auto`` on a CPU or a multi-process launch) full and freeze fine-tuning keep the
+trained weights themselves in fp32 and compute under bf16 autocast: every forward casts each weight to bf16 again,
+the residual stream and the norms run in fp32, and each projection casts its fp32 input to bf16 on its own. On an
+H100, copy kernels (these casts among them) took 14% and fp32 elementwise work 11% of a 3B full fine-tuning step's
+kernel time (bench/RESULTS.md, "GPU pass 5"). Here the model holds its trained weights in bf16, as a LoRA base is
+held, and the optimizer updates fp32 copies:
 
 - each bf16 gradient is added into its master's fp32 gradient as soon as the backward pass has produced it (a
   post-accumulate-grad hook), and the bf16 one is dropped: micro-batches of a gradient-accumulation window are
@@ -195,12 +196,14 @@ class MasterWeightsChoice:
 SHARDING_LAUNCHERS = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
 
 
-def decide_master_weights(setting: str, dtype: str, *, env: Mapping[str, str], cuda: bool,
+def decide_master_weights(setting: str, dtype: str, *, env: Mapping[str, str], cuda_devices: int,
                           resume_from: Path | None) -> MasterWeightsChoice:
     """Resolve ``train.master_weights`` before any model loads; an explicit ``optimizer`` the run cannot honour is
-    refused (ConfigError), ``auto`` falls back to ``params`` with the reason."""
-    processes = int(env.get("WORLD_SIZE", "1"))
-    sharded = next((name for name in SHARDING_LAUNCHERS if env.get(name, "").lower() in ("1", "true")), None)
+    refused (ConfigError), ``auto`` falls back to ``params`` with the reason. ``cuda_devices``: the CUDA devices this
+    process sees (0 without a GPU)."""
+    processes = int(env.get("WORLD_SIZE") or "1")
+    sharded = next((name for name in SHARDING_LAUNCHERS
+                    if env.get(name, "").strip().lower() in ("1", "true", "yes", "on")), None)
     if setting == "optimizer":
         if dtype != "bf16":
             raise ConfigError(f"train.master_weights: 'optimizer' needs bf16 weights, but model.dtype resolved to "
@@ -216,13 +219,26 @@ def decide_master_weights(setting: str, dtype: str, *, env: Mapping[str, str], c
     if processes > 1 or sharded:
         return MasterWeightsChoice(False, "auto: a multi-process or sharded launch; DDP keeps fp32 weights, FSDP "
                                           "and DeepSpeed keep fp32 masters of their own")
-    if not cuda:
+    if cuda_devices == 0:
         return MasterWeightsChoice(False, "auto: no CUDA GPU; on a CPU bf16 weights train slower than fp32 ones "
                                           "under autocast (bench/cpu_precision.py)")
-    if resume_from is not None and not (resume_from / MASTER_FILE).is_file():
+    if cuda_devices > 1:  # the Trainer would replicate the model with DataParallel, which the hooks do not expect
+        return MasterWeightsChoice(False, f"auto: {cuda_devices} GPUs in one process (the Trainer's DataParallel); "
+                                          "launch one process per GPU with torchrun or accelerate instead")
+    # An adapter checkpoint (hybrid's LoRA phase) has no bf16 trained weights, so no masters either way.
+    written_with_fp32 = resume_from is not None and not (resume_from / MASTER_FILE).is_file() and not (
+        resume_from / "adapter_config.json").is_file()
+    if written_with_fp32:
         return MasterWeightsChoice(False, f"auto: resuming {resume_from.name}, written with fp32 weights")
-    return MasterWeightsChoice(True, "auto: bf16 on a CUDA GPU in one process; 3B full fine-tuning on an H100 ran "
+    return MasterWeightsChoice(True, "auto: bf16 on one CUDA GPU in one process; 3B full fine-tuning on an H100 ran "
                                      "1.29x the steps per second of fp32 weights (bench/RESULTS.md, GPU pass 6)")
+
+
+def master_weights_record(model: torch.nn.Module, choice: MasterWeightsChoice) -> dict[str, str]:
+    """summary.json's ``master_weights``: where the fp32 copies were, or "none" where no bf16 weights trained."""
+    if not bf16_trained(model):
+        return {"in": "none", "reason": "no bf16 trained weights (LoRA adapters are fp32, or fp32 weights)"}
+    return {"in": "optimizer" if choice.in_optimizer else "params", "reason": choice.reason}
 
 
 def bf16_trained(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -68,8 +68,8 @@ class FedBatches:
 
 class TrainingCheckCallback(TrainerCallback):
     """Remembers the norms of a few trainable tensors at the start, to tell at the end whether they moved; and logs
-    the first and the last step whatever ``logging_steps`` says, so that the gradient-norm and loss checks have two
-    logged steps to read in a run shorter than ``logging_steps``."""
+    the first step, and the last one where fewer than two losses were logged, whatever ``logging_steps`` says, so
+    that the gradient-norm and loss checks have two logged steps to read in a run shorter than ``logging_steps``."""
 
     SAMPLE = 16
 
@@ -85,7 +85,11 @@ class TrainingCheckCallback(TrainerCallback):
         self.before = self._norms()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == 1 or state.global_step >= state.max_steps:
+        if state.global_step == 1:
+            control.should_log = True
+        elif state.global_step >= state.max_steps and sum("loss" in e for e in state.log_history) < 2:
+            # only where the run logged too few losses to compare: a longer run's last, partial window would
+            # weigh a few steps as much as a whole one
             control.should_log = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from transformers import set_seed
 
-from tunelab.config.hf_args import training_arguments
+from tunelab.config.hf_args import gpus_without_launcher, training_arguments
 from tunelab.config.load import dump_config
 from tunelab.config.schema import TrainConfig, TunelabConfig
 from tunelab.data.build import load_splits, write_split_files
@@ -59,7 +59,7 @@ from tunelab.train.checkpoint import resolve_resume
 from tunelab.train.compile import compile_layers, uncompile
 from tunelab.train.hybrid import train_hybrid
 from tunelab.train.loss import lean_loss_unsupported
-from tunelab.train.master_weights import decide_master_weights, master_weights_note
+from tunelab.train.master_weights import decide_master_weights, master_weights_note, master_weights_record
 from tunelab.train.meter import TrainingCheckCallback, meter_summary
 from tunelab.train.preflight import check_train_machine
 
@@ -88,8 +88,11 @@ def run_training(
     check_train_machine(config)
     check_attention(config.model.attn_implementation)
     masters = decide_master_weights(config.train.master_weights, dtype, env=os.environ,
-                                    cuda=torch.cuda.is_available(), resume_from=resume_from)
+                                    cuda_devices=torch.cuda.device_count(), resume_from=resume_from)
     console.print(f"[bold]precision[/] {dtype}: {precision.reason}")
+    if (gpus := gpus_without_launcher()) > 1:
+        console.print(f"{gpus} GPUs visible to one process: training on cuda:0 only; to train on all of them, launch "
+                      f"`torchrun --nproc_per_node {gpus} -m tunelab.cli train CONFIG.yaml` (or accelerate launch)")
     allocator = describe_allocator(config.train.cpu_allocator)
     console.print(f"[bold]allocator[/] {allocator['name']}: {allocator['reason']}")
     check_method(config)
@@ -122,6 +125,7 @@ def run_training(
     model = apply_method(model, config.method, new_token_ids)
     if note := master_weights_note(model, masters):
         console.print(note)
+    masters_record = master_weights_record(model, masters)  # read before the trained weights may become fp32
     if not masters.in_optimizer:  # else bf16 weights stay, and the optimizer keeps fp32 copies
         model = keep_trainable_fp32(model)
     lean_layers = use_lean_activations(model, config.train, console)
@@ -178,7 +182,7 @@ def run_training(
 
     summary = build_summary(trainer, wall, trainable, total, data.stats)
     summary["precision"] = {"dtype": dtype, "reason": precision.reason}
-    summary["master_weights"] = {"in": "optimizer" if masters.in_optimizer else "params", "reason": masters.reason}
+    summary["master_weights"] = masters_record
     summary["cpu_allocator"] = allocator
     summary["lean_activation_layers"] = lean_layers
     summary.update(timer.report())
