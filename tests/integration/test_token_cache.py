@@ -86,7 +86,9 @@ def test_auto_workers_start_only_for_large_data_and_share_the_cpus():
     assert tokenize_worker_count("auto", 100_000, cpus=2, local_processes=1) == 2
     assert tokenize_worker_count("auto", 100_000, cpus=16, local_processes=8) == 2  # torchrun, 8 GPUs
     assert tokenize_worker_count("auto", 100_000, cpus=4, local_processes=8) == 1
-    assert tokenize_worker_count(3, 10, cpus=1, local_processes=1) == 3  # as set
+    assert tokenize_worker_count(3, 1000, cpus=1, local_processes=1) == 3  # as set
+    assert tokenize_worker_count(3, 10, cpus=1, local_processes=1) == 1  # one chunk: in this process
+    assert tokenize_worker_count("auto", 100_000, cpus=16, local_processes=1, can_fork=False) == 1  # Windows
 
 
 def test_tokenize_workers_accepts_auto_or_a_positive_count():

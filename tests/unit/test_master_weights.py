@@ -128,10 +128,11 @@ def test_auto_picks_the_masters_only_for_bf16_on_one_cuda_process(tmp_path):
     chosen = decide()
     assert chosen.in_optimizer and chosen.reason.startswith("auto: bf16 on one CUDA GPU")
     assert decide(env={"WORLD_SIZE": ""}).in_optimizer  # an empty variable is no launch
+    # several GPUs and no launcher: training runs on cuda:0 alone (test_train_settings), so one GPU all the same
+    assert decide(gpus=2).in_optimizer
     for choice, reason in [(decide(dtype="fp32"), "auto: fp32 weights"),
                            (decide(dtype="fp16"), "auto: fp16 weights"),
                            (decide(gpus=0), "auto: no CUDA GPU"),
-                           (decide(gpus=2), "auto: 2 GPUs in one process"),
                            (decide(env={"WORLD_SIZE": "4"}), "auto: a multi-process or sharded launch"),
                            (decide(env={"ACCELERATE_USE_FSDP": "1"}), "auto: a multi-process or sharded launch"),
                            (decide(env={"ACCELERATE_USE_DEEPSPEED": "True"}), "auto: a multi-process or sharded")]:

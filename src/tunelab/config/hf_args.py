@@ -99,7 +99,7 @@ def gpus_without_launcher(env: dict[str, str] | None = None) -> int:
     import torch
 
     env = os.environ if env is None else env
-    if env.get("WORLD_SIZE") or not torch.cuda.is_available():
+    if env.get("WORLD_SIZE") or not _cuda_available():
         return 0
     return torch.cuda.device_count()
 

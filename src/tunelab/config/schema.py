@@ -282,8 +282,8 @@ class TrainConfig(Section):
     at a step's peak. On an H100, 3B full fine-tuning ran 1.29x the steps per second with ``optimizer`` (44% MFU
     compiled, bench/RESULTS.md GPU pass 6); on a CPU bf16 weights are slower. Needs ``model.dtype`` bf16 and a
     single process; checkpoints keep the fp32 copies for an exact resume. ``auto`` (default): ``optimizer`` for bf16
-    on one visible CUDA GPU in a single, unsharded process (unless resuming a checkpoint written with fp32
-    weights), ``params`` otherwise; the choice and its reason are printed and kept in summary.json."""
+    on a CUDA GPU in a single, unsharded process (unless resuming a checkpoint written with fp32 weights),
+    ``params`` otherwise; the choice and its reason are printed and kept in summary.json."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory, about a third more compute.
     Non-reentrant checkpointing, so it also works when the base is frozen (LoRA, freeze)."""

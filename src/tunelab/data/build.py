@@ -93,12 +93,16 @@ _AUTO_MIN_RECORDS = 16 * _WORKER_CHUNK
 _AUTO_MAX_WORKERS = 8
 
 
-def tokenize_worker_count(setting: int | str, records: int, *, cpus: int, local_processes: int) -> int:
+def tokenize_worker_count(setting: int | str, records: int, *, cpus: int, local_processes: int,
+                          can_fork: bool = True) -> int:
     """Processes that tokenize ``records`` records: ``data.tokenize_workers`` as set, or for ``auto`` the CPUs this
-    process may use shared among the training processes of this machine (torchrun starts one per GPU), at most 8."""
+    process may use shared among the training processes of this machine (torchrun starts one per GPU), at most 8,
+    where the platform can fork. One chunk or less is tokenized here whatever the setting."""
+    if records <= _WORKER_CHUNK:
+        return 1
     if setting != "auto":
         return int(setting)
-    if records < _AUTO_MIN_RECORDS:
+    if records < _AUTO_MIN_RECORDS or not can_fork:
         return 1
     return max(1, min(_AUTO_MAX_WORKERS, cpus // max(1, local_processes)))
 
@@ -134,11 +138,10 @@ def _tokenize_records(
 
     from tqdm.auto import tqdm
 
-    workers = tokenize_worker_count(config.tokenize_workers, len(records), cpus=_usable_cpus(),
-                                    local_processes=int(os.environ.get("LOCAL_WORLD_SIZE") or "1"))
     context = _fork_context()
-    if len(records) <= _WORKER_CHUNK or (context is None and config.tokenize_workers == "auto"):
-        workers = 1
+    workers = tokenize_worker_count(config.tokenize_workers, len(records), cpus=_usable_cpus(),
+                                    local_processes=int(os.environ.get("LOCAL_WORLD_SIZE") or "1"),
+                                    can_fork=context is not None)
     bar = tqdm(total=len(records), desc=f"tokenize {name}" + (f" ({workers} processes)" if workers > 1 else ""),
                unit="rec", mininterval=0.5, disable=len(records) < _WORKER_CHUNK)
     try:

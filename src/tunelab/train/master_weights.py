@@ -96,15 +96,13 @@ class MasterWeights:
     @torch.no_grad()
     def load(self, folder: str | Path) -> bool:
         """Restore the masters (and their bf16 roundings) from a checkpoint; ``False`` when it has none."""
-        path = Path(folder) / MASTER_FILE
-        if not path.is_file():
+        saved = read_masters(folder)
+        if saved is None:
             return False
-        from safetensors.torch import load_file
-
-        saved = load_file(str(path))
         missing = [name for name in self.names if name not in saved]
         if missing:
-            raise RunError(f"{path}: no master weights for {missing[:3]} (a checkpoint of another model or method)")
+            raise RunError(f"{Path(folder) / MASTER_FILE}: no master weights for {missing[:3]} (a checkpoint of "
+                           "another model or method)")
         for name, param, master in zip(self.names, self.params, self.masters, strict=True):
             master.copy_(saved[name])
             param.copy_(master)
@@ -137,17 +135,24 @@ def load_masters_into_params(model: torch.nn.Module, folder: str | Path) -> bool
     """A checkpoint written with ``master_weights=optimizer``, resumed with ``params``: its fp32 masters are the
     trained values, its model file only their bf16 rounding. Copies them into the fp32 trainable parameters;
     ``False`` when the checkpoint has none."""
-    path = Path(folder) / MASTER_FILE
-    if not path.is_file():
+    saved = read_masters(folder)
+    if saved is None:
         return False
-    from safetensors.torch import load_file
-
-    saved = load_file(str(path))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.requires_grad and name in saved:
                 param.copy_(saved[name])
     return True
+
+
+def read_masters(folder: str | Path) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's fp32 masters by parameter name; ``None`` when it was written without them."""
+    path = Path(folder) / MASTER_FILE
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def _accumulate_into(master: torch.Tensor) -> Callable[[torch.Tensor], None]:
@@ -200,7 +205,8 @@ def decide_master_weights(setting: str, dtype: str, *, env: Mapping[str, str], c
                           resume_from: Path | None) -> MasterWeightsChoice:
     """Resolve ``train.master_weights`` before any model loads; an explicit ``optimizer`` the run cannot honour is
     refused (ConfigError), ``auto`` falls back to ``params`` with the reason. ``cuda_devices``: the CUDA devices this
-    process sees (0 without a GPU)."""
+    process sees (0 without a GPU); with several and no launcher it trains on one (``hf_args.training_arguments``
+    keeps the Trainer from DataParallel), so that is one GPU in one process too."""
     processes = int(env.get("WORLD_SIZE") or "1")
     sharded = next((name for name in SHARDING_LAUNCHERS
                     if env.get(name, "").strip().lower() in ("1", "true", "yes", "on")), None)
@@ -222,9 +228,6 @@ def decide_master_weights(setting: str, dtype: str, *, env: Mapping[str, str], c
     if cuda_devices == 0:
         return MasterWeightsChoice(False, "auto: no CUDA GPU; on a CPU bf16 weights train slower than fp32 ones "
                                           "under autocast (bench/cpu_precision.py)")
-    if cuda_devices > 1:  # the Trainer would replicate the model with DataParallel, which the hooks do not expect
-        return MasterWeightsChoice(False, f"auto: {cuda_devices} GPUs in one process (the Trainer's DataParallel); "
-                                          "launch one process per GPU with torchrun or accelerate instead")
     # An adapter checkpoint (hybrid's LoRA phase) has no bf16 trained weights, so no masters either way.
     written_with_fp32 = resume_from is not None and not (resume_from / MASTER_FILE).is_file() and not (
         resume_from / "adapter_config.json").is_file()
