@@ -95,6 +95,9 @@ def test_train_eval_compare_end_to_end(tmp_path, tiny_model, arithmetic_file):
     assert summary["cpu_allocator"]["name"] == planned.name, summary["cpu_allocator"]
     if planned.library is not None:
         assert summary["cpu_allocator"]["reason"] == "preloaded by tunelab (train.cpu_allocator=auto)"
+    # train.cpu_release_memory: the first batch is the largest so far, so a release came before it at least
+    releases = summary["cpu_allocator"]["releases_before_largest_batch"]
+    assert releases == 0 if planned.name == "mimalloc" else releases >= 1, summary["cpu_allocator"]
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
     assert summary["lean_activation_layers"] == layers and "lean activations: " in trained.stderr
     again = tunelab("train", str(config))

@@ -17,7 +17,9 @@ from tunelab.train.allocator import (
     ALLOCATORS,
     AUTO_ORDER,
     MARKER,
+    LargestBatchRelease,
     allocator_in_use,
+    find_allocator,
     plan_allocator,
 )
 
@@ -120,3 +122,56 @@ def test_training_with_a_missing_named_allocator_stops_before_anything_loads(tmp
     with pytest.raises(ConfigError, match="train.cpu_allocator: tcmalloc is not installed"):
         run_training(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_release_comes_only_before_a_new_largest_batch():
+    calls = []
+    release = LargestBatchRelease(lambda: calls.append(1))
+    for tokens in (500, 300, 500, 800, 120, 900, 900):
+        release.before_batch(tokens)
+    assert release.releases == len(calls) == 3  # 500, 800, 900
+    nothing = LargestBatchRelease(None)  # an allocator without a release call (mimalloc), or a GPU run
+    nothing.before_batch(10)
+    assert nothing.releases == 0 and nothing.largest == 10
+
+
+# Fragments the heap as training does (freed blocks between kept ones), then releases. Run in a fresh interpreter
+# per allocator, since an allocator is chosen when a process starts.
+RELEASE_PROBE = """
+import json
+from tunelab.train.allocator import LargestBatchRelease, allocator_in_use
+def anon_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) / 1024
+kept, freed = [], []
+for i in range(3000):
+    (kept if i % 10 == 0 else freed).append(bytearray(100_000))
+freed.clear()
+before = anon_mb()
+release = LargestBatchRelease.for_this_process()
+release.before_batch(10)
+print(json.dumps({"allocator": allocator_in_use(), "released": release.releases, "drop_mb": before - anon_mb()}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the allocators are preloaded on Linux")
+@pytest.mark.parametrize("name", ["system", *AUTO_ORDER])
+def test_the_release_returns_freed_pages_with_the_allocator_serving_the_process(name):
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", MARKER)}
+    if name != "system":
+        library = find_allocator(name)
+        if library is None:
+            pytest.skip(f"{name} is not installed here")
+        variable, value = ALLOCATORS[name].settings  # tunelab's own setting: freed pages are kept
+        env.update({"LD_PRELOAD": library, variable: value})
+    probe = subprocess.run([sys.executable, "-c", RELEASE_PROBE], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert result["allocator"] == name
+    if name == "mimalloc":  # no release call with its purging off: nothing is claimed
+        assert result["released"] == 0
+        return
+    assert result["released"] == 1
+    assert result["drop_mb"] > 150, result  # 2,700 freed blocks of 100 kB

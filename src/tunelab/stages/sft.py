@@ -20,7 +20,7 @@ from tunelab.train.trainer import TunelabTrainer
 def build_sft_trainer(
     *, model: Any, tokenizer: Any, args: Any, train_dataset: list, eval_dataset: list | None, callbacks: list,
     stop_on_nonfinite_loss: bool, batching: BatchingPlan | None = None, lean_loss: bool = False,
-    activation_offload: bool = False, master_weights: bool = False,
+    activation_offload: bool = False, master_weights: bool = False, cpu_release_memory: bool = False,
 ) -> TunelabTrainer:
     if batching is None:
         batching = BatchingPlan()
@@ -36,4 +36,5 @@ def build_sft_trainer(
         loss_fn=supervised_lm_loss if lean_loss else None,
         activation_offload=activation_offload,
         master_weights=master_weights,
+        cpu_release_memory=cpu_release_memory,
     )

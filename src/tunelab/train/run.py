@@ -161,6 +161,7 @@ def run_training(
         lean_loss=config.train.lean_loss and not lean_off,
         activation_offload=config.train.activation_offload,
         master_weights=masters.in_optimizer,
+        cpu_release_memory=config.train.cpu_release_memory,
     )
     trainer = make_trainer(model=model)
     compiled = compile_layers(model, config.train.torch_compile_backend) if config.train.torch_compile else []
@@ -183,7 +184,7 @@ def run_training(
     summary = build_summary(trainer, wall, trainable, total, data.stats)
     summary["precision"] = {"dtype": dtype, "reason": precision.reason}
     summary["master_weights"] = masters_record
-    summary["cpu_allocator"] = allocator
+    summary["cpu_allocator"] = {**allocator, "releases_before_largest_batch": trainer.host_release.releases}
     summary["lean_activation_layers"] = lean_layers
     summary.update(timer.report())
     summary.update(method_summary)

@@ -15,6 +15,7 @@ from transformers import Trainer
 
 from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.errors import RunError
+from tunelab.train.allocator import LargestBatchRelease
 from tunelab.train.master_weights import (
     MASTER_FILE,
     SINGLE_PROCESS_ONLY,
@@ -34,9 +35,13 @@ _WHOLE_MODEL = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.M
 class TunelabTrainer(Trainer):
     def __init__(
         self, *args: Any, stop_on_nonfinite_loss: bool = True, loss_fn: LossFn | None = None,
-        activation_offload: bool = False, master_weights: bool = False, **kwargs: Any
+        activation_offload: bool = False, master_weights: bool = False, cpu_release_memory: bool = False,
+        **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        on_cpu = cpu_release_memory and self.args.device.type == "cpu"
+        self.host_release = LargestBatchRelease.for_this_process() if on_cpu else LargestBatchRelease(None)
+        """``train.cpu_release_memory``: the allocator's freed pages go back before each new largest batch."""
         self.master_weights = master_weights
         """Keep bf16 trained weights in the model and fp32 copies in the optimizer (``train.master_weights``)."""
         self._masters: MasterWeights | None = None
@@ -70,6 +75,8 @@ class TunelabTrainer(Trainer):
             count = (labels[..., 1:] != IGNORE_INDEX).sum()
             self._new_tokens = count if self._new_tokens is None else self._new_tokens + count
         self.fed.add(inputs)
+        if isinstance(ids := inputs.get("input_ids"), torch.Tensor):
+            self.host_release.before_batch(ids.numel())
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(
