@@ -67,6 +67,8 @@ ROWS = [
 ]
 GC_ROW = ("tunelab", "padding_free_gc", "tunelab, padding-free, checkpointing on (train.gradient_checkpointing)")
 ALLOCATOR_ROW = ("tunelab", "padding_free_glibc", "tunelab, default but glibc's malloc (train.cpu_allocator=system)")
+LONG_BATCH_ROW = ("tunelab", "padding_free_nolong",
+                  "tunelab, default but no long-batch recompute (train.checkpoint_long_batches=false)")
 # A control, not a peer mode: the leanest peer with the allocator tunelab preloads, set by hand (LD_PRELOAD).
 PEER_ALLOCATOR_ROW = ("trl", "padding_free+jemalloc", "*control:* TRL, padding_free=True (checkpointing on), "
                       "jemalloc preloaded by hand as tunelab does")
@@ -369,7 +371,7 @@ def summarise(method: str, runs: dict, rows: list[tuple[str, str, str]]) -> list
             "versions": first["versions"],
         }
         if tool == "tunelab" and reference and mode in ("padding_free", "padded", "padding_free_gc",
-                                                        "padding_free_glibc"):
+                                                        "padding_free_glibc", "padding_free_nolong"):
             row["max_step_loss_diff_vs_tunelab_padded"] = max(
                 abs(a - b) for r in rs for a, b in zip(r["losses"], reference, strict=True))
         table.append(row)
@@ -541,7 +543,7 @@ def main() -> None:
     lock = threading.Lock()  # the two rotations of --parallel share the report
 
     def one_table(index: int, method: str) -> None:
-        rows = [*ROWS, GC_ROW, ALLOCATOR_ROW, PEER_ALLOCATOR_ROW,
+        rows = [*ROWS, GC_ROW, ALLOCATOR_ROW, LONG_BATCH_ROW, PEER_ALLOCATOR_ROW,
                 *([BF16_ROW] if method in args.bf16_methods.split(",") else [])]
         if args.rows:
             wanted = {tuple(key.split(":", 1)) for key in args.rows.split(",")}

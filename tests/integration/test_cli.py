@@ -100,6 +100,10 @@ def test_train_eval_compare_end_to_end(tmp_path, tiny_model, arithmetic_file):
     assert releases == 0 if planned.name == "mimalloc" else releases >= 1, summary["cpu_allocator"]
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
     assert summary["lean_activation_layers"] == layers and "lean activations: " in trained.stderr
+    # train.checkpoint_long_batches (default): its reference, printed and kept
+    long = summary["long_batches"]
+    assert long["layers"] == layers and long["percentile"] == 90 and long["reference_tokens"] > 0
+    assert f"a batch over {long['reference_tokens']:,} token slots (p90" in trained.stderr
     again = tunelab("train", str(config))
     assert again.returncode == 1 and "is not empty" in again.stderr
 

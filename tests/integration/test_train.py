@@ -213,10 +213,21 @@ def test_bf16_full_tuning_saves_bf16_weights(tiny_model, arithmetic_file, tmp_pa
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_gradient_checkpointing_gives_the_same_losses(tiny_model, arithmetic_file, tmp_path, method):
     common = (f"method.name={method}", "train.max_steps=4", "method.lora.dropout=0.1")
-    plain = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "plain", *common))
+    plain = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "plain", *common,
+                                    "train.checkpoint_long_batches=false"))
     saved = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "ckpt", *common,
                                     "train.gradient_checkpointing=true"))
+    # nearly every batch is "long" against the 5th percentile: layers recompute, with dropout, per batch
+    long = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "long", *common,
+                                   "train.long_batch_percentile=5"))
     base = saved.model.get_base_model() if hasattr(saved.model, "get_base_model") else saved.model
     assert base.is_gradient_checkpointing
-    a, b = losses(plain.output_dir), losses(saved.output_dir)
+    assert plain.summary["long_batches"] is None and saved.summary["long_batches"] is None
+    record = long.summary["long_batches"]
+    assert record["percentile"] == 5 and record["layers"] == 2 and record["batches_recomputing"] >= 2
+    assert 1 <= record["most_layers_recomputed"] <= 2
+    long_base = long.model.get_base_model() if hasattr(long.model, "get_base_model") else long.model
+    assert not any(layer.gradient_checkpointing for layer in long_base.model.layers)  # left as it was
+    a, b, c = losses(plain.output_dir), losses(saved.output_dir), losses(long.output_dir)
     assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    assert max(abs(x - y) for x, y in zip(a, c, strict=True)) < 1e-5

@@ -109,6 +109,14 @@ def test_new_tokens_with_a_frozen_embedding_method_fail_before_loading():
         check_method(config)
 
 
+def test_prefix_tuning_with_gradient_checkpointing_fails_before_loading():
+    # its KV-cache prefix would be extended again by each layer's recompute (a shape error deep in attention)
+    config = load_config(None, ["method.name=prefix", "train.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing: method prefix hands its virtual keys"):
+        check_method(config)
+    check_method(load_config(None, ["method.name=ptuning", "train.gradient_checkpointing=true"]))
+
+
 def test_rope_scaling_is_validated_and_applied(tiny_model, tmp_path):
     config = configured(tiny_model, "model.rope_scaling={type: dynamic, factor: 2.0}")
     model = load_model(config.model)

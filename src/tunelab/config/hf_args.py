@@ -20,7 +20,7 @@ MAPPED = {
 TUNELAB_ONLY = {
     "stage", "resume", "stop_on_nonfinite_loss", "lean_loss", "activation_offload", "torch_compile",
     "torch_compile_backend", "liger_kernel", "cpu_allocator",
-    "lean_activations", "master_weights", "cpu_release_memory",
+    "lean_activations", "master_weights", "cpu_release_memory", "checkpoint_long_batches", "long_batch_percentile",
 }
 
 

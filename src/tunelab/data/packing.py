@@ -67,17 +67,14 @@ class FlatCollator:
         }
 
 
-def pack_rows(features: Sequence[dict[str, Any]], row_length: int) -> list[dict[str, Any]]:
-    """Best-fit-decreasing bin packing of samples into rows of at most ``row_length`` tokens.
-
-    Deterministic (ties keep the original order). Each row keeps its samples whole and lists their lengths, so the
-    collator can restart positions and isolate attention per sample.
-    """
-    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+def pack_indices(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of samples of ``lengths`` into rows of at most ``row_length`` tokens: each
+    row's sample indices. Deterministic (ties keep the original order)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (space left, row index), sorted: the tightest row that fits comes first
     for index in order:
-        length = len(features[index]["input_ids"])
+        length = lengths[index]
         if length > row_length:
             raise ValueError(f"sample of {length} tokens is longer than the packed row ({row_length})")
         slot = bisect.bisect_left(free, (length, -1))
@@ -88,8 +85,14 @@ def pack_rows(features: Sequence[dict[str, Any]], row_length: int) -> list[dict[
             space, row = row_length, len(rows)
             rows.append([index])
         bisect.insort(free, (space - length, row))
+    return rows
+
+
+def pack_rows(features: Sequence[dict[str, Any]], row_length: int) -> list[dict[str, Any]]:
+    """Samples packed into rows of at most ``row_length`` tokens (:func:`pack_indices`). Each row keeps its samples
+    whole and lists their lengths, so the collator can restart positions and isolate attention per sample."""
     packed = []
-    for members in rows:
+    for members in pack_indices([len(feature["input_ids"]) for feature in features], row_length):
         packed.append({
             "input_ids": [t for i in members for t in features[i]["input_ids"]],
             "labels": [t for i in members for t in features[i].get("labels", features[i]["input_ids"])],
@@ -117,6 +120,12 @@ class BatchingPlan:
 
     def train_rows(self, features: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return pack_rows(features, self.row_length) if self.mode == "packed" else features
+
+    def row_lengths(self, lengths: Sequence[int]) -> list[int]:
+        """The lengths of the rows :meth:`train_rows` makes of samples of ``lengths``, without making them."""
+        if self.mode != "packed":
+            return list(lengths)
+        return [sum(lengths[i] for i in row) for row in pack_indices(lengths, self.row_length)]
 
 
 

@@ -27,9 +27,10 @@ place of any outer saved-tensor hooks, so lean activations step aside under ``tr
 
 Not applied with ``train.torch_compile`` (the compiler's partitioner chooses what to recompute across the whole
 layer), ``train.liger_kernel`` (Liger's kernels replace the norms and the MLP), ``train.activation_offload`` (its hooks
-move every saved tensor) or gradient checkpointing (the whole layer is recomputed). Only the classes listed below
-are patched; the forward of every one is checked against its own in the tests. The patch rebinds ``forward`` on
-existing modules: parameter names, state dicts, adapters and merging do not change.
+move every saved tensor) or gradient checkpointing (the whole layer is recomputed; a layer that
+``train.checkpoint_long_batches`` makes recompute for one batch runs its plain forward for that batch). Only the
+classes listed below are patched; the forward of every one is checked against its own in the tests. The patch
+rebinds ``forward`` on existing modules: parameter names, state dicts, adapters and merging do not change.
 """
 
 from __future__ import annotations
@@ -157,11 +158,14 @@ def lean_consumer_forward(original: Callable[..., Any], *args: Any, **kwargs: An
 
 
 def lean_layer_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    if not torch.is_grad_enabled():
+    layer = original.__self__
+    # A layer that checkpoints itself (train.checkpoint_long_batches flips the flag per batch) keeps only its input:
+    # inside, checkpoint's hooks must see every save, and its recompute runs the plain forward anyway.
+    if not torch.is_grad_enabled() or (getattr(layer, "gradient_checkpointing", False) and layer.training):
         return original(*args, **kwargs)
     # Checked at every call, a few dictionary look-ups: modules replaced after the patch (hybrid's switch wraps the
     # projections in LoRA layers) must still run under the hooks.
-    open_hooks_in_consumers(original.__self__)
+    open_hooks_in_consumers(layer)
     token = _layer_call.set(LayerCall())
     try:
         return original(*args, **kwargs)

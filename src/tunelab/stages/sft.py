@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.data.packing import BatchingPlan
+from tunelab.train.long_batches import LongBatchCheckpointing
 from tunelab.train.loss import supervised_lm_loss
 from tunelab.train.trainer import TunelabTrainer
 
@@ -21,6 +22,7 @@ def build_sft_trainer(
     *, model: Any, tokenizer: Any, args: Any, train_dataset: list, eval_dataset: list | None, callbacks: list,
     stop_on_nonfinite_loss: bool, batching: BatchingPlan | None = None, lean_loss: bool = False,
     activation_offload: bool = False, master_weights: bool = False, cpu_release_memory: bool = False,
+    long_batches: LongBatchCheckpointing | None = None,
 ) -> TunelabTrainer:
     if batching is None:
         batching = BatchingPlan()
@@ -37,4 +39,5 @@ def build_sft_trainer(
         activation_offload=activation_offload,
         master_weights=master_weights,
         cpu_release_memory=cpu_release_memory,
+        long_batches=long_batches,
     )

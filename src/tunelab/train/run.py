@@ -25,7 +25,7 @@ from tunelab.config.schema import TrainConfig, TunelabConfig
 from tunelab.data.build import load_splits, write_split_files
 from tunelab.data.cache import tokenize_with_cache
 from tunelab.data.collate import training_features
-from tunelab.data.packing import plan_batching
+from tunelab.data.packing import BatchingPlan, plan_batching
 from tunelab.data.template import build_template
 from tunelab.models.lean_activations import apply_lean_activations, lean_activations_problem
 from tunelab.models.liger import apply_liger_kernels
@@ -58,6 +58,7 @@ from tunelab.train.callbacks import (
 from tunelab.train.checkpoint import resolve_resume
 from tunelab.train.compile import compile_layers, uncompile
 from tunelab.train.hybrid import train_hybrid
+from tunelab.train.long_batches import LongBatchCheckpointing, long_batch_checkpointing
 from tunelab.train.loss import lean_loss_unsupported
 from tunelab.train.master_weights import decide_master_weights, master_weights_note, master_weights_record
 from tunelab.train.meter import TrainingCheckCallback, meter_summary
@@ -142,6 +143,8 @@ def run_training(
             console.print(note)
 
     train_features, eval_features = training_features(data.train), training_features(data.validation)
+    long_batches = use_long_batch_checkpointing(model, config.train, config.method.name, batching, train_features,
+                                                console)
     data = replace(data, train=[], validation=[])  # the lists of Python ints are freed; the features hold the tokens
     metrics_path = out / "metrics.jsonl"
     signals = SignalCheckpointCallback()
@@ -162,6 +165,7 @@ def run_training(
         activation_offload=config.train.activation_offload,
         master_weights=masters.in_optimizer,
         cpu_release_memory=config.train.cpu_release_memory,
+        long_batches=long_batches,
     )
     trainer = make_trainer(model=model)
     compiled = compile_layers(model, config.train.torch_compile_backend) if config.train.torch_compile else []
@@ -186,6 +190,7 @@ def run_training(
     summary["master_weights"] = masters_record
     summary["cpu_allocator"] = {**allocator, "releases_before_largest_batch": trainer.host_release.releases}
     summary["lean_activation_layers"] = lean_layers
+    summary["long_batches"] = long_batches.record() if long_batches is not None else None
     summary.update(timer.report())
     summary.update(method_summary)
     meter, meter_lines = meter_summary(trainer, timer, check, batching=batching.mode, dtype=dtype, recorded=summary)
@@ -220,6 +225,25 @@ def use_lean_activations(model: Any, train: TrainConfig, console: Console) -> in
         console.print(f"lean activations: {patched} decoder layers remake their norm outputs, SiLU product and "
                       "attention output in the backward pass instead of keeping them")
     return patched
+
+
+def use_long_batch_checkpointing(model: Any, train: TrainConfig, method: str, batching: BatchingPlan,
+                                 features: list[Any], console: Console) -> LongBatchCheckpointing | None:
+    """``train.checkpoint_long_batches``: the per-batch controller, or None where every layer (or none) recomputes."""
+    if not train.checkpoint_long_batches or train.gradient_checkpointing:
+        return None
+    if train.torch_compile or method == "prefix":
+        why = ("train.torch_compile would recompile the layers whenever a batch changes which of them recompute"
+               if train.torch_compile else "method prefix's virtual key/values are a KV cache that a recomputed "
+               "layer would extend twice")
+        console.print(f"long-batch checkpointing off: {why}")
+        return None
+    lengths = batching.row_lengths([len(feature["input_ids"]) for feature in features])
+    controller, note = long_batch_checkpointing(model, lengths, batch_size=train.per_device_train_batch_size,
+                                                padded=not batching.flat, percentile=train.long_batch_percentile,
+                                                seed=train.seed)
+    console.print(note)
+    return controller
 
 
 def is_main_process() -> bool:

@@ -16,6 +16,7 @@ from transformers import Trainer
 from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.errors import RunError
 from tunelab.train.allocator import LargestBatchRelease
+from tunelab.train.long_batches import LongBatchCheckpointing
 from tunelab.train.master_weights import (
     MASTER_FILE,
     SINGLE_PROCESS_ONLY,
@@ -36,9 +37,13 @@ class TunelabTrainer(Trainer):
     def __init__(
         self, *args: Any, stop_on_nonfinite_loss: bool = True, loss_fn: LossFn | None = None,
         activation_offload: bool = False, master_weights: bool = False, cpu_release_memory: bool = False,
-        **kwargs: Any
+        long_batches: LongBatchCheckpointing | None = None, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        # Only where each process runs the whole model's layers itself: FSDP and DeepSpeed wrap and shard them.
+        whole = self.accelerator.distributed_type in _WHOLE_MODEL and not self.args.gradient_checkpointing
+        self.long_batches = long_batches if whole else None
+        """``train.checkpoint_long_batches``: how many layers recompute is decided before each batch."""
         on_cpu = cpu_release_memory and self.args.device.type == "cpu"
         self.host_release = LargestBatchRelease.for_this_process() if on_cpu else LargestBatchRelease(None)
         """``train.cpu_release_memory``: the allocator's freed pages go back before each new largest batch."""
@@ -77,6 +82,8 @@ class TunelabTrainer(Trainer):
         self.fed.add(inputs)
         if isinstance(ids := inputs.get("input_ids"), torch.Tensor):
             self.host_release.before_batch(ids.numel())
+            if self.long_batches is not None:
+                self.long_batches.before_batch(ids.numel())
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(
@@ -152,6 +159,8 @@ class TunelabTrainer(Trainer):
         try:
             return super().train(*args, **kwargs)
         finally:
+            if self.long_batches is not None:
+                self.long_batches.stop()
             if self._masters is not None:  # fp32 copies of every trained weight: not kept past the run
                 self._masters.release()
                 self._masters, self._trainable = None, None  # the clipping list holds the masters too

@@ -49,6 +49,15 @@ def check_method(config: TunelabConfig) -> None:
     if config.model.new_special_tokens and config.method.name in FROZEN_EMBEDDING_METHODS:
         raise ConfigError(f"model.new_special_tokens: method {config.method.name} cannot train embeddings, so new "
                           "tokens would stay random; use lora, dora, qlora, full, freeze or hybrid")
+    if config.method.name == "prefix" and config.train.gradient_checkpointing:
+        raise ConfigError(PREFIX_RECOMPUTE)
+
+
+PREFIX_RECOMPUTE = (
+    "train.gradient_checkpointing: method prefix hands its virtual keys and values to every layer as a KV cache, "
+    "which a layer's recompute in the backward pass would extend a second time; use ptuning or prompt_tuning "
+    "(virtual tokens in the input), or leave checkpointing off"
+)
 
 
 def method_quantization(config: MethodConfig, load_dtype: torch.dtype) -> Any:
