@@ -31,6 +31,7 @@ def test_layers_to_recompute_keeps_a_long_batch_within_the_reference():
     assert layers_to_recompute(1000, 1000, 8) == 0
     assert layers_to_recompute(2922, 2300, 8) == 2  # ceil(8 * 0.2129)
     assert layers_to_recompute(10_000, 100, 8) == 8
+    assert layers_to_recompute(192, 176, 24) == 2  # 24 * 16 / 192 = 2 exactly (a float ceil gave 3)
     for tokens in range(1001, 20_000, 37):
         k = layers_to_recompute(tokens, 1000, 8)
         assert tokens * (8 - k) <= 1000 * 8  # the kept layer-tokens stay within the reference batch's

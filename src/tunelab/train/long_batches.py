@@ -52,7 +52,7 @@ def layers_to_recompute(tokens: int, reference: int, layers: int) -> int:
     worth of every layer's activations."""
     if tokens <= reference or reference <= 0:
         return 0
-    return min(layers, math.ceil(layers * (1 - reference / tokens)))
+    return min(layers, -(-layers * (tokens - reference) // tokens))  # exact ceil(L * (1 - r / n)), no float
 
 
 def checkpointable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

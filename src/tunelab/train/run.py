@@ -190,7 +190,8 @@ def run_training(
     summary["master_weights"] = masters_record
     summary["cpu_allocator"] = {**allocator, "releases_before_largest_batch": trainer.host_release.releases}
     summary["lean_activation_layers"] = lean_layers
-    summary["long_batches"] = long_batches.record() if long_batches is not None else None
+    # The trainer's, not the one built here: it drops the controller where layers are sharded (FSDP, DeepSpeed).
+    summary["long_batches"] = trainer.long_batches.record() if trainer.long_batches is not None else None
     summary.update(timer.report())
     summary.update(method_summary)
     meter, meter_lines = meter_summary(trainer, timer, check, batching=batching.mode, dtype=dtype, recorded=summary)
