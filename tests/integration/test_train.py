@@ -171,6 +171,42 @@ def test_summary_reports_throughput(tiny_model, arithmetic_file, tmp_path):
     assert checks["grad_norm_above_zero"] and checks["loss_fell"] is not None
 
 
+def test_long_batch_checkpointing_says_what_it_does(tiny_model, arithmetic_file, tmp_path, monkeypatch):
+    """The printed line matches what the trainer does: freeze counts only the trained layers, length_grouped
+    estimates from transformers' order, and a launch that shards the layers (FSDP, DeepSpeed; simulated here by
+    leaving no distributed type whole) drops the controller and says so."""
+    import io
+
+    from rich.console import Console
+
+    import tunelab.train.trainer as trainer_module
+
+    def run(name: str, *overrides: str) -> tuple[dict, str]:
+        printed = io.StringIO()
+        result = run_training(config_for(tiny_model, arithmetic_file, tmp_path / name, "train.max_steps=2",
+                                         *overrides), console=Console(file=printed, width=400))
+        return result.summary, printed.getvalue()
+
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    frozen, printed = run("freeze", "method.name=freeze", "method.freeze.trainable_layers=1")
+    assert frozen["long_batches"]["layers"] == 1 and f"last 1 of the {layers} decoder layers" in printed
+    # a long tail (4% of rows): a quarter of random padded batches of 8 hold a long row, about one in ten of the
+    # length-grouped ones (a mega-batch's long rows share its first batch)
+    from conftest import arithmetic_rows, write_jsonl
+
+    rows = arithmetic_rows(400) + [{"instruction": f"数一数 {i} " * 40, "input": "", "output": "1 2 3 " * 20}
+                                   for i in range(16)]
+    mixed = (f"data.datasets=[{{path: '{write_jsonl(tmp_path / 'mixed.jsonl', rows)}'}}]",
+             "train.long_batch_percentile=85")
+    grouped, printed = run("grouped", *mixed, "data.batching=length_grouped")
+    padded, _ = run("padded", *mixed, "data.batching=padded")
+    assert grouped["long_batches"]["reference_tokens"] < padded["long_batches"]["reference_tokens"] / 2
+    monkeypatch.setattr(trainer_module, "_WHOLE_MODEL", ())
+    sharded, printed = run("sharded")
+    assert sharded["long_batches"] is None
+    assert "long-batch checkpointing off: FSDP and DeepSpeed" in printed and "a batch over" not in printed
+
+
 def test_skipped_records_go_to_rejects_and_test_split_is_never_trained_on(tiny_model, tmp_path):
     from conftest import arithmetic_rows, write_jsonl
 
@@ -210,9 +246,11 @@ def test_bf16_full_tuning_saves_bf16_weights(tiny_model, arithmetic_file, tmp_pa
     assert torch.equal(reloaded.lm_head.weight, reloaded.model.embed_tokens.weight)  # ties survive the re-save
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "freeze"])
 def test_gradient_checkpointing_gives_the_same_losses(tiny_model, arithmetic_file, tmp_path, method):
-    common = (f"method.name={method}", "train.max_steps=4", "method.lora.dropout=0.1")
+    # freeze trains the last of the 2 layers: long batches recompute only among the layers that keep activations
+    common = (f"method.name={method}", "train.max_steps=4", "method.lora.dropout=0.1",
+              "method.freeze.trainable_layers=1")
     plain = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "plain", *common,
                                     "train.checkpoint_long_batches=false"))
     saved = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "ckpt", *common,
@@ -224,8 +262,11 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_model, arithmetic_fil
     assert base.is_gradient_checkpointing
     assert plain.summary["long_batches"] is None and saved.summary["long_batches"] is None
     record = long.summary["long_batches"]
-    assert record["percentile"] == 5 and record["layers"] == 2 and record["batches_recomputing"] >= 2
-    assert 1 <= record["most_layers_recomputed"] <= 2
+    layers = 1 if method == "freeze" else 2
+    assert record["percentile"] == 5 and record["layers"] == layers and record["batches_recomputing"] >= 2
+    assert 1 <= record["most_layers_recomputed"] <= layers
+    # the layers obeyed their flags: each recomputing batch sent at least one layer through the checkpoint
+    assert record["checkpointed_layer_calls"] >= record["batches_recomputing"]
     long_base = long.model.get_base_model() if hasattr(long.model, "get_base_model") else long.model
     assert not any(layer.gradient_checkpointing for layer in long_base.model.layers)  # left as it was
     a, b, c = losses(plain.output_dir), losses(saved.output_dir), losses(long.output_dir)

@@ -5,6 +5,7 @@ tensors for the backward pass."""
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 
 import pytest
@@ -54,6 +55,26 @@ def test_the_reference_is_the_percentile_of_random_batches():
     assert batch_token_percentile([5, 7], 8, padded=False, percentile=90) == 12  # fewer rows than a batch
 
 
+def test_length_grouped_batches_are_estimated_in_transformers_order():
+    """group_by_length sorts mega-batches by length, so long rows share batches: more than three in four padded
+    batches hold only short rows, where a third of random batches of 4 hold a long one (1 - 0.9^4 = 34%)."""
+    lengths = [100] * 90 + [2000] * 10
+    random_p75 = batch_token_percentile(lengths, 4, padded=True, percentile=75)
+    grouped_p75 = batch_token_percentile(lengths, 4, padded=True, percentile=75, length_group=4)
+    assert random_p75 == 4 * 2000 and grouped_p75 == 4 * 100
+    # the same as reading one epoch of transformers' own sampler, batch by batch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    sizes = []
+    for epoch in range(64):
+        sampler = LengthGroupedSampler(8, lengths=lengths, generator=torch.Generator().manual_seed(epoch))
+        order = list(sampler)
+        sizes += [4 * max(lengths[i] for i in order[s:s + 4]) for s in range(0, len(order), 4)]
+    sizes.sort()
+    expected = sizes[math.ceil(0.9 * len(sizes)) - 1]
+    assert batch_token_percentile(lengths, 4, padded=True, percentile=90, length_group=8) == expected
+
+
 def test_packed_row_lengths_are_those_of_the_packed_rows():
     lengths = [7, 3, 12, 5, 9, 1, 16]
     plan = BatchingPlan("packed", row_length=16)
@@ -93,6 +114,7 @@ def step(model: torch.nn.Module, batch: dict, recompute: int | None) -> tuple[to
         controller = LongBatchCheckpointing(checkpointable_layers(model), reference_tokens=100, percentile=90)
         tokens = {0: 50, 1: 130, 2: 200, 4: 10_000}[recompute]  # 100 reference tokens over 4 layers
         assert controller.before_batch(tokens) == recompute
+        assert controller.checkpointed_calls == 0
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 
@@ -106,6 +128,7 @@ def step(model: torch.nn.Module, batch: dict, recompute: int | None) -> tuple[to
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     if recompute is not None:
+        assert controller.checkpointed_calls == recompute  # the layers' forwards went through the checkpoint
         controller.stop()
         assert not any(layer.gradient_checkpointing for layer in checkpointable_layers(model))
     return loss.detach(), grads, sum(kept.values())
@@ -140,7 +163,37 @@ def test_the_controller_and_its_line():
     assert controller.before_batch(80) == 0
     assert not any(layer.gradient_checkpointing for layer in controller.layers)
     assert controller.record() == {"reference_tokens": 460, "percentile": 90, "batches_recomputing": 1,
-                                   "most_layers_recomputed": 3, "layers": LAYERS}
+                                   "most_layers_recomputed": 3, "layers": LAYERS, "checkpointed_layer_calls": 0}
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     none, why = long_batch_checkpointing(plain, lengths, batch_size=4, padded=False, percentile=90, seed=0)
     assert none is None and "no decoder layers" in why
+
+
+def test_only_layers_that_keep_activations_are_counted():
+    """method freeze trains the last layers: the frozen ones before them keep nothing, so a long batch recomputes
+    among the trained ones (and k is computed over those)."""
+    from tunelab.config.schema import MethodConfig
+    from tunelab.models.methods import apply_method
+
+    lengths = [20] * 95 + [400] * 5
+    model = apply_method(tiny_model("full"), MethodConfig(name="freeze", freeze={"trainable_layers": 2}))
+    controller, note = long_batch_checkpointing(model, lengths, batch_size=4, padded=False, percentile=90, seed=0)
+    assert controller is not None and controller.layers == list(model.model.layers[2:])
+    assert f"last 2 of the {LAYERS} decoder layers" in note
+    assert controller.before_batch(1600) == 2  # ceil(2 * (1 - 460/1600))
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [False, False, True, True]
+    controller.stop()
+    # what reaches layer 0 with a gradient makes every layer keep activations: trained embeddings ...
+    model.get_input_embeddings().weight.requires_grad_(True)
+    assert len(long_batch_checkpointing(model, lengths, batch_size=4, padded=False, percentile=90, seed=0)[0].layers) \
+        == LAYERS
+    # ... or an input made to require grad (as QLoRA does)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.enable_input_require_grads()
+    assert len(long_batch_checkpointing(model, lengths, batch_size=4, padded=False, percentile=90, seed=0)[0].layers) \
+        == LAYERS
+    model.disable_input_require_grads()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    none, why = long_batch_checkpointing(model, lengths, batch_size=4, padded=False, percentile=90, seed=0)
+    assert none is None and "no decoder layer keeps activations" in why

@@ -294,8 +294,12 @@ class TrainConfig(Section):
     with nothing recomputed. The run's peak memory is then set by a typical batch, not by its longest outlier, for
     the recompute of a few batches (one epoch of the peer bench's full fine-tuning on a CPU: peak RSS 1,777 instead
     of 1,955 MB at 0.99x the speed; bench/RESULTS.md). The reference is estimated before training from the training
-    rows' lengths (random batches: a flat batch's slots are its tokens, a padded one's its rows times its longest);
-    the line it prints and ``long_batches`` in summary.json say what it did. Same losses and gradients (tested).
+    rows' lengths, over batches made as training makes them (random, or transformers' length-grouped order for
+    ``data.batching=length_grouped``; a flat batch's slots are its tokens, a padded one's its rows times its
+    longest). Only layers that keep activations count: under ``method: freeze`` the frozen layers before the first
+    trained one keep nothing, so ``L`` is the layers from there on. The line it prints and ``long_batches`` in
+    summary.json say what it did (batches that recomputed, layer calls that went through the checkpoint). Same
+    losses and gradients (tested).
     Off under ``torch_compile`` (a flag that changes per batch would recompile the layers), with FSDP or DeepSpeed,
     and for ``method: prefix`` (its KV-cache prefix cannot be recomputed)."""
     long_batch_percentile: float = Field(90.0, gt=0, lt=100)

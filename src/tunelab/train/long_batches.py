@@ -19,7 +19,6 @@ n-th, for every step. Lean activations step aside in a layer that checkpoints (`
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 from collections.abc import Sequence
@@ -30,21 +29,44 @@ import torch.utils.checkpoint
 
 DRAWS = 4096
 """Random batches drawn to estimate the percentile: its estimate moves by well under 1% between seeds."""
+MAX_GROUPED_EPOCHS = 64
+"""At most this many simulated epochs of length-grouped order (a small data set has few batches an epoch)."""
 
 
 def batch_token_percentile(lengths: Sequence[int], batch_size: int, *, padded: bool, percentile: float,
-                           seed: int = 0) -> int:
-    """The ``percentile`` of a training micro-batch's token slots, over random batches of the rows' ``lengths``:
-    a flat batch's slots are its rows' tokens, a padded one's ``batch_size`` times its longest row."""
+                           seed: int = 0, length_group: int = 0) -> int:
+    """The ``percentile`` of a training micro-batch's token slots over the batches of rows of ``lengths``: a flat
+    batch's slots are its rows' tokens, a padded one's ``batch_size`` times its longest row.
+
+    Batches are drawn at random, as the Trainer's random sampler makes them, unless ``length_group`` is set: then
+    they are cut from transformers' own length-grouped order (``group_by_length`` sorts each mega-batch of ``50 x
+    length_group`` rows by length), whose batches hold rows of similar lengths, so its padded batches are far smaller
+    than random ones of the same rows."""
     if not lengths:
         return 0
-    draw = random.Random(seed)
     size = min(batch_size, len(lengths))
-    sizes = sorted(
-        size * max(rows) if padded else sum(rows)
-        for rows in (draw.sample(lengths, size) for _ in range(DRAWS))
-    )
+    batches = length_grouped_batches(lengths, size, length_group, seed) if length_group else random_batches(
+        lengths, size, seed)
+    sizes = sorted(size * max(rows) if padded else sum(rows) for rows in batches)
     return sizes[min(len(sizes) - 1, math.ceil(percentile / 100 * len(sizes)) - 1)]
+
+
+def random_batches(lengths: Sequence[int], size: int, seed: int) -> list[list[int]]:
+    draw = random.Random(seed)
+    return [draw.sample(lengths, size) for _ in range(DRAWS)]
+
+
+def length_grouped_batches(lengths: Sequence[int], size: int, group: int, seed: int) -> list[list[int]]:
+    """The micro-batches of as many epochs of ``LengthGroupedSampler`` order as make about :data:`DRAWS` of them
+    (one epoch of a large data set)."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    per_epoch = math.ceil(len(lengths) / size)
+    batches: list[list[int]] = []
+    for epoch in range(min(MAX_GROUPED_EPOCHS, math.ceil(DRAWS / per_epoch))):
+        order = get_length_grouped_indices(list(lengths), group, generator=torch.Generator().manual_seed(seed + epoch))
+        batches.extend([lengths[i] for i in order[start:start + size]] for start in range(0, len(order), size))
+    return batches
 
 
 def layers_to_recompute(tokens: int, reference: int, layers: int) -> int:
@@ -62,6 +84,26 @@ def checkpointable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
+def layers_keeping_activations(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The ``layers`` that keep tensors for the backward pass: from the first whose input or own weights need a
+    gradient on. Frozen leading layers (``method: freeze`` trains the last few) build no graph, so recomputing them
+    would save nothing; virtual tokens, trained embeddings or an input made to require grad (QLoRA) reach them all."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    upstream = [m for m in (embeddings, getattr(model, "prompt_encoder", None)) if isinstance(m, torch.nn.Module)]
+    if any(p.requires_grad for m in upstream for p in m.parameters()) or input_requires_grad(model):
+        return layers
+    for index, layer in enumerate(layers):
+        if any(p.requires_grad for p in layer.parameters()):
+            return layers[index:]
+    return []
+
+
+def input_requires_grad(model: torch.nn.Module) -> bool:
+    """transformers' ``enable_input_require_grads`` hook is on the model (or, under peft, on the base it wraps)."""
+    return any(getattr(module, "_require_grads_hooks", None) or hasattr(module, "_require_grads_hook")
+               for module in model.modules() if hasattr(module, "enable_input_require_grads"))
+
+
 class LongBatchCheckpointing:
     """Decides before each batch which layers recompute, and counts what it did for summary.json."""
 
@@ -72,10 +114,15 @@ class LongBatchCheckpointing:
         self.batches = 0
         """Batches that recomputed at least one layer."""
         self.most_layers = 0
+        self.checkpointed_calls = 0
+        """Layer forwards that actually went through the checkpoint (the proof the flags were obeyed)."""
         self._recomputing = 0
-        checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         for layer in layers:
-            layer._gradient_checkpointing_func = checkpoint
+            layer._gradient_checkpointing_func = self._checkpoint
+
+    def _checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        self.checkpointed_calls += 1
+        return torch.utils.checkpoint.checkpoint(*args, use_reentrant=False, **kwargs)
 
     def before_batch(self, tokens: int) -> int:
         """Set the layers' flags for a batch of ``tokens`` token slots; returns how many recompute."""
@@ -96,20 +143,28 @@ class LongBatchCheckpointing:
     def record(self) -> dict[str, Any]:
         return {"reference_tokens": self.reference_tokens, "percentile": self.percentile,
                 "batches_recomputing": self.batches, "most_layers_recomputed": self.most_layers,
-                "layers": len(self.layers)}
+                "layers": len(self.layers), "checkpointed_layer_calls": self.checkpointed_calls}
 
 
 def long_batch_checkpointing(model: torch.nn.Module, lengths: Sequence[int], *, batch_size: int, padded: bool,
-                             percentile: float, seed: int) -> tuple[LongBatchCheckpointing | None, str]:
+                             percentile: float, seed: int, length_group: int = 0
+                             ) -> tuple[LongBatchCheckpointing | None, str]:
     """The controller for this model and training rows of ``lengths``, and a line saying what it will do (or why
-    not)."""
-    layers = checkpointable_layers(model)
-    if len(layers) < 2:
+    not). ``length_group``: batches follow transformers' length-grouped order over groups of that many rows."""
+    every = checkpointable_layers(model)
+    if len(every) < 2:
         return None, "long-batch checkpointing off: the model has no decoder layers transformers can checkpoint"
-    reference = batch_token_percentile(lengths, batch_size, padded=padded, percentile=percentile, seed=seed)
+    layers = layers_keeping_activations(model, every)
+    if not layers:
+        return None, ("long-batch checkpointing off: no decoder layer keeps activations (none trains, nor anything "
+                      "before them)")
+    reference = batch_token_percentile(lengths, batch_size, padded=padded, percentile=percentile, seed=seed,
+                                       length_group=length_group)
     controller = LongBatchCheckpointing(layers, reference, percentile)
+    which = f"{len(layers)} decoder layers" if len(layers) == len(every) else (
+        f"last {len(layers)} of the {len(every)} decoder layers (the ones that keep activations)")
     return controller, (
         f"long batches: a batch over {reference:,} token slots (p{percentile:g} of this data's batches) recomputes "
-        f"just enough of the {len(layers)} decoder layers in the backward pass to keep no more activations than that "
+        f"just enough of the {which} in the backward pass to keep no more activations than that "
         "(train.checkpoint_long_batches)"
     )

@@ -143,8 +143,8 @@ def run_training(
             console.print(note)
 
     train_features, eval_features = training_features(data.train), training_features(data.validation)
-    long_batches = use_long_batch_checkpointing(model, config.train, config.method.name, batching, train_features,
-                                                console)
+    long_batches, long_batches_note = use_long_batch_checkpointing(model, config.train, config.method.name, batching,
+                                                                   train_features)
     data = replace(data, train=[], validation=[])  # the lists of Python ints are freed; the features hold the tokens
     metrics_path = out / "metrics.jsonl"
     signals = SignalCheckpointCallback()
@@ -168,6 +168,12 @@ def run_training(
         long_batches=long_batches,
     )
     trainer = make_trainer(model=model)
+    if long_batches is not None and trainer.long_batches is None:
+        long_batches.stop()  # restores the layers' flags (all off)
+        long_batches_note = ("long-batch checkpointing off: FSDP and DeepSpeed wrap and shard the decoder layers "
+                             "themselves")
+    if long_batches_note:
+        console.print(long_batches_note)
     compiled = compile_layers(model, config.train.torch_compile_backend) if config.train.torch_compile else []
     if compiled:
         console.print(f"torch.compile ({config.train.torch_compile_backend}): {len(compiled)} modules, compiled "
@@ -229,22 +235,22 @@ def use_lean_activations(model: Any, train: TrainConfig, console: Console) -> in
 
 
 def use_long_batch_checkpointing(model: Any, train: TrainConfig, method: str, batching: BatchingPlan,
-                                 features: list[Any], console: Console) -> LongBatchCheckpointing | None:
-    """``train.checkpoint_long_batches``: the per-batch controller, or None where every layer (or none) recomputes."""
+                                 features: list[Any]) -> tuple[LongBatchCheckpointing | None, str]:
+    """``train.checkpoint_long_batches``: the per-batch controller (None where every layer, or none, recomputes) and
+    the line to print once the trainer has accepted it."""
     if not train.checkpoint_long_batches or train.gradient_checkpointing:
-        return None
+        return None, ""
     if train.torch_compile or method == "prefix":
         why = ("train.torch_compile would recompile the layers whenever a batch changes which of them recompute"
                if train.torch_compile else "method prefix's virtual key/values are a KV cache that a recomputed "
                "layer would extend twice")
-        console.print(f"long-batch checkpointing off: {why}")
-        return None
+        return None, f"long-batch checkpointing off: {why}"
     lengths = batching.row_lengths([len(feature["input_ids"]) for feature in features])
-    controller, note = long_batch_checkpointing(model, lengths, batch_size=train.per_device_train_batch_size,
-                                                padded=not batching.flat, percentile=train.long_batch_percentile,
-                                                seed=train.seed)
-    console.print(note)
-    return controller
+    # transformers' group_by_length sorts groups of one optimizer step's rows (train_batch_size x accumulation)
+    group = train.per_device_train_batch_size * train.gradient_accumulation_steps
+    return long_batch_checkpointing(model, lengths, batch_size=train.per_device_train_batch_size,
+                                    padded=not batching.flat, percentile=train.long_batch_percentile, seed=train.seed,
+                                    length_group=group if batching.mode == "length_grouped" else 0)
 
 
 def is_main_process() -> bool:
