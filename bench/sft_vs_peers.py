@@ -1,12 +1,13 @@
 """tunelab vs TRL (`SFTTrainer`) vs LLaMA-Factory: the same SFT job on a CPU, each tool in its own environment.
 
-    python bench/sft_vs_peers.py --setup      # once: the peers' virtual environments under .bench-venvs/
+    python bench/sft_vs_peers.py --setup      # once: every tool's virtual environment under .bench-venvs/
     nice -n 5 python bench/sft_vs_peers.py [--steps 30] [--repeats 2] [--full-repeats 1] [--threads 1] [--parallel]
 
 Setup puts TRL and LLaMA-Factory in their own virtual environments (torch 2.13.0 CPU first, then the tool at an
 exact version; LLaMA-Factory brings its own transformers/peft/trl pins, and its torchvision/torchaudio CUDA wheels,
 which cannot load on the CPU torch, are removed, with a stub for the torchaudio it imports — see
-``disable_broken_media_packages``).
+``disable_broken_media_packages``). tunelab gets one too, installed as the README's first line installs it, so
+that no tool runs with packages it does not require (``setup_tunelab_venv``).
 
 The job, the same in every tool: one tiny Qwen2-architecture model (random init, hidden 512, 8 layers, 8 heads /
 2 KV heads, MLP 1536, a 4.5k-token BPE tokenizer trained on the bundled corpus: 26.4M parameters) loaded with
@@ -82,11 +83,12 @@ MODEL_SHAPE = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, i
 
 
 def python_of(tool: str) -> str:
-    return sys.executable if tool == "tunelab" else str(VENVS / tool / "bin" / "python")
+    """Every tool runs in an environment of its own, tunelab included (see :func:`setup_tunelab_venv`)."""
+    return str(VENVS / tool / "bin" / "python")
 
 
 def setup_venvs() -> None:
-    """Create the peers' environments once: torch pinned first, so no requirement can pull a CUDA build."""
+    """Create the tools' environments once: torch pinned first, so no requirement can pull a CUDA build."""
     for tool, pins in PEERS.items():
         venv = VENVS / tool
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
@@ -97,10 +99,32 @@ def setup_venvs() -> None:
             subprocess.run([*pip, TORCH, *pins], check=True)
         if tool == "llamafactory":
             disable_broken_media_packages(venv)
-        freeze = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True,
-                                text=True, check=True)
-        (VENVS / f"{tool}-freeze.txt").write_text(freeze.stdout)
-        print(f"{tool}: {venv}")
+        record_freeze(tool)
+    setup_tunelab_venv()
+
+
+def setup_tunelab_venv() -> None:
+    """tunelab installed as the README's first line installs it (``pip install -e .``, no extras), in its own
+    environment like each peer. The development environment holds packages tunelab never asks for (scipy, boto3,
+    trio, ...) that transformers and accelerate import when they are present: about 50 MB of RSS that the peers'
+    clean environments do not pay, and that says nothing about the tools. Editable, so the bench measures the
+    working tree."""
+    venv = VENVS / "tunelab"
+    python = str(venv / "bin" / "python")
+    if not Path(python).is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    if not pinned_versions_installed(venv, [TORCH]):
+        subprocess.run([python, "-m", "pip", "install", "-q", TORCH], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", TORCH, "-e", str(ROOT)], check=True)
+    record_freeze("tunelab")
+
+
+def record_freeze(tool: str) -> None:
+    venv = VENVS / tool
+    freeze = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True, text=True,
+                            check=True)
+    (VENVS / f"{tool}-freeze.txt").write_text(freeze.stdout)
+    print(f"{tool}: {venv}")
 
 
 TORCHAUDIO_STUB = '''"""Stand-in written by tunelab's bench/sft_vs_peers.py, not the real torchaudio.
@@ -487,7 +511,8 @@ def write_results_md(path: Path, report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setup", action="store_true", help="create the peers' virtual environments and exit")
+    parser.add_argument("--setup", action="store_true",
+                        help="create the tools' virtual environments (tunelab's too) and exit")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cutoff", type=int, default=1024)
@@ -521,7 +546,7 @@ def main() -> None:
     if args.render:
         write_results_md(Path(args.results_md), json.loads(Path(args.render).read_text("utf-8")))
         return
-    for tool in PEERS:
+    for tool in ("tunelab", *PEERS):
         if not Path(python_of(tool)).is_file():
             raise SystemExit(f"no environment for {tool}: run `python bench/sft_vs_peers.py --setup` first")
     out = Path(args.out)
