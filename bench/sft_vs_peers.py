@@ -7,7 +7,7 @@ Setup puts TRL and LLaMA-Factory in their own virtual environments (torch 2.13.0
 exact version; LLaMA-Factory brings its own transformers/peft/trl pins, and its torchvision/torchaudio CUDA wheels,
 which cannot load on the CPU torch, are removed, with a stub for the torchaudio it imports — see
 ``disable_broken_media_packages``). tunelab gets one too, installed as the README's first line installs it, so
-that no tool runs with packages it does not require (``setup_tunelab_venv``).
+that no tool runs with packages it does not require (``setup_venvs``).
 
 The job, the same in every tool: one tiny Qwen2-architecture model (random init, hidden 512, 8 layers, 8 heads /
 2 KV heads, MLP 1536, a 4.5k-token BPE tokenizer trained on the bundled corpus: 26.4M parameters) loaded with
@@ -83,48 +83,32 @@ MODEL_SHAPE = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, i
 
 
 def python_of(tool: str) -> str:
-    """Every tool runs in an environment of its own, tunelab included (see :func:`setup_tunelab_venv`)."""
+    """Every tool runs in an environment of its own, tunelab included (see :func:`setup_venvs`)."""
     return str(VENVS / tool / "bin" / "python")
 
 
 def setup_venvs() -> None:
-    """Create the tools' environments once: torch pinned first, so no requirement can pull a CUDA build."""
-    for tool, pins in PEERS.items():
+    """Create the tools' environments once: torch pinned first, so no requirement can pull a CUDA build.
+
+    tunelab gets one too, installed as the README's first line installs it (``pip install -e .``, no extras). The
+    development environment holds packages tunelab never asks for (scipy, boto3, trio, ...) that transformers and
+    accelerate import when they are present: about 50 MB of RSS that the peers' clean environments do not pay, and
+    that says nothing about the tools. Editable, so the bench measures the working tree (reinstalled on every
+    ``--setup``, as its requirements may have changed)."""
+    for tool, pins in {**PEERS, "tunelab": ["-e", str(ROOT)]}.items():
         venv = VENVS / tool
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
         if not (venv / "bin" / "python").is_file():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        if not pinned_versions_installed(venv, [TORCH, *pins]):
+        if tool == "tunelab" or not pinned_versions_installed(venv, [TORCH, *pins]):
             subprocess.run([*pip, TORCH], check=True)
             subprocess.run([*pip, TORCH, *pins], check=True)
         if tool == "llamafactory":
             disable_broken_media_packages(venv)
-        record_freeze(tool)
-    setup_tunelab_venv()
-
-
-def setup_tunelab_venv() -> None:
-    """tunelab installed as the README's first line installs it (``pip install -e .``, no extras), in its own
-    environment like each peer. The development environment holds packages tunelab never asks for (scipy, boto3,
-    trio, ...) that transformers and accelerate import when they are present: about 50 MB of RSS that the peers'
-    clean environments do not pay, and that says nothing about the tools. Editable, so the bench measures the
-    working tree."""
-    venv = VENVS / "tunelab"
-    python = str(venv / "bin" / "python")
-    if not Path(python).is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    if not pinned_versions_installed(venv, [TORCH]):
-        subprocess.run([python, "-m", "pip", "install", "-q", TORCH], check=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", TORCH, "-e", str(ROOT)], check=True)
-    record_freeze("tunelab")
-
-
-def record_freeze(tool: str) -> None:
-    venv = VENVS / tool
-    freeze = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True, text=True,
-                            check=True)
-    (VENVS / f"{tool}-freeze.txt").write_text(freeze.stdout)
-    print(f"{tool}: {venv}")
+        freeze = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True,
+                                text=True, check=True)
+        (VENVS / f"{tool}-freeze.txt").write_text(freeze.stdout)
+        print(f"{tool}: {venv}")
 
 
 TORCHAUDIO_STUB = '''"""Stand-in written by tunelab's bench/sft_vs_peers.py, not the real torchaudio.

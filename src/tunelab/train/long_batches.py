@@ -45,8 +45,10 @@ def batch_token_percentile(lengths: Sequence[int], batch_size: int, *, padded: b
     if not lengths:
         return 0
     size = min(batch_size, len(lengths))
-    batches = length_grouped_batches(lengths, size, length_group, seed) if length_group else random_batches(
-        lengths, size, seed)
+    if length_group:
+        batches = length_grouped_batches(lengths, size, length_group, seed)
+    else:
+        batches = random_batches(lengths, size, seed)
     sizes = sorted(size * max(rows) if padded else sum(rows) for rows in batches)
     return sizes[min(len(sizes) - 1, math.ceil(percentile / 100 * len(sizes)) - 1)]
 
@@ -61,11 +63,12 @@ def length_grouped_batches(lengths: Sequence[int], size: int, group: int, seed: 
     (one epoch of a large data set)."""
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    per_epoch = math.ceil(len(lengths) / size)
+    rows = list(lengths)
+    per_epoch = math.ceil(len(rows) / size)
     batches: list[list[int]] = []
     for epoch in range(min(MAX_GROUPED_EPOCHS, math.ceil(DRAWS / per_epoch))):
-        order = get_length_grouped_indices(list(lengths), group, generator=torch.Generator().manual_seed(seed + epoch))
-        batches.extend([lengths[i] for i in order[start:start + size]] for start in range(0, len(order), size))
+        order = get_length_grouped_indices(rows, group, generator=torch.Generator().manual_seed(seed + epoch))
+        batches.extend([rows[i] for i in order[start:start + size]] for start in range(0, len(order), size))
     return batches
 
 
