@@ -5,7 +5,8 @@
 # Carried: .whl (pydantic, liger-kernel, torchao), .whl2 (transformers 5.24, peft 0.21.2, tokenizers), .bnb (bitsandbytes
 # 0.50.2 unpacked, CUDA 13.0 and CPU libraries only, to fit the carry limit) and, for the `peers` part, .whlf
 # (LLaMA-Factory 0.9.5 with its pins: transformers 5.6.0, peft 0.18.1, trl 0.24.0, datasets 4.0.0, accelerate 1.11.0,
-# tokenizers 0.22.2, dill, multiprocess, omegaconf, opentelemetry-api). Usage: bash bench/gpu_device_run.sh
+# tokenizers 0.22.2, dill, multiprocess, omegaconf, opentelemetry-api). `bash bench/gpu_carry.sh` makes all four here
+# (a new machine has none of them). Usage: bash bench/gpu_device_run.sh
 # PARTS picks the parts, e.g. PARTS="peers profile" PEERS_ROWS=tool:mode,... PROFILES="shape:method:k=v,k=v;..."
 # (bench/RESULTS.md gives the exact commands of each GPU pass).
 set -u

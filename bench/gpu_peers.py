@@ -37,6 +37,7 @@ LABELS = {
     ("tunelab", "padding_free_nolean"): "tunelab, default but train.lean_activations=false",
     ("tunelab", "padding_free_compile"): "tunelab, default + train.torch_compile=true",
     ("tunelab", "padding_free_gc"): "tunelab, default + train.gradient_checkpointing=true",
+    ("tunelab", "padding_free_nolong"): "tunelab, default but train.checkpoint_long_batches=false",
     ("tunelab", "packed"): "tunelab, data.batching=packed (rows of cutoff tokens)",
     ("tunelab", "packed_gc"): "tunelab, data.batching=packed + train.gradient_checkpointing=true",
     ("llamafactory", "padded"): "LLaMA-Factory, default (padded, grad. checkpointing on)",

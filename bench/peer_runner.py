@@ -247,6 +247,7 @@ TUNELAB_MODES: dict[str, tuple[str, str, list[str]]] = {
     "padding_free_bf16": ("padding_free", "bf16", []),
     "padding_free_gc": ("padding_free", "fp32", ["train.gradient_checkpointing=true"]),
     "padding_free_glibc": ("padding_free", "fp32", ["train.cpu_allocator=system"]),
+    "padding_free_mimalloc": ("padding_free", "fp32", ["train.cpu_allocator=mimalloc"]),
     "padding_free_nolean": ("padding_free", "fp32", ["train.lean_activations=false"]),
     "padding_free_nolong": ("padding_free", "fp32", ["train.checkpoint_long_batches=false"]),
     "padding_free_compile": ("padding_free", "fp32", ["train.torch_compile=true"]),

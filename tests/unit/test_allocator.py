@@ -17,6 +17,7 @@ from tunelab.train.allocator import (
     ALLOCATORS,
     AUTO_ORDER,
     MARKER,
+    MIMALLOC_PURGE_DELAY_MS,
     LargestBatchRelease,
     allocator_in_use,
     find_allocator,
@@ -45,7 +46,7 @@ def test_auto_on_a_cpu_machine_takes_the_first_installed_in_order(tmp_path):
     (tmp_path / "m").mkdir()
     only_mimalloc = fake_libraries(tmp_path / "m", "libmimalloc.so.3")
     plan = plan_allocator("auto", environ={}, gpu_present=False, dirs=only_mimalloc, system_name="Linux")
-    assert plan.name == "mimalloc" and plan.env["MIMALLOC_PURGE_DELAY"] == "-1"
+    assert plan.name == "mimalloc" and plan.env["MIMALLOC_PURGE_DELAY"] == MIMALLOC_PURGE_DELAY_MS
 
 
 def test_the_users_environment_wins(tmp_path):
@@ -64,7 +65,7 @@ def test_when_auto_leaves_the_system_allocator(tmp_path):
     on_gpu = plan_allocator("auto", environ={}, gpu_present=True, dirs=dirs, system_name="Linux")
     assert on_gpu.library is None and "GPU" in on_gpu.reason
     none_found = plan_allocator("auto", environ={}, gpu_present=False, dirs=[], system_name="Linux")
-    assert none_found.library is None and "tunelab[cpu]" in none_found.reason
+    assert none_found.library is None and "cmeel-mimalloc" in none_found.reason
     mac = plan_allocator("auto", environ={}, gpu_present=False, dirs=dirs, system_name="Darwin")
     assert mac.library is None
     assert plan_allocator("system", environ={}, gpu_present=False, dirs=dirs).library is None
@@ -130,7 +131,7 @@ def test_release_comes_only_before_a_new_largest_batch():
     for tokens in (500, 300, 500, 800, 120, 900, 900):
         release.before_batch(tokens)
     assert release.releases == len(calls) == 3  # 500, 800, 900
-    nothing = LargestBatchRelease(None)  # an allocator without a release call (mimalloc), or a GPU run
+    nothing = LargestBatchRelease(None)  # an allocator without a release call (musl's malloc), or a GPU run
     nothing.before_batch(10)
     assert nothing.releases == 0 and nothing.largest == 10
 
@@ -145,8 +146,9 @@ def anon_mb():
         if line.startswith("RssAnon"):
             return int(line.split()[1]) / 1024
 kept, freed = [], []
-for i in range(3000):
-    (kept if i % 10 == 0 else freed).append(bytearray(100_000))
+for size, count in ((100_000, 3000), (1_000_000, 300)):  # mimalloc returns only pages with no kept block in them
+    for i in range(count):
+        (kept if i % 10 == 0 else freed).append(bytearray(size))
 freed.clear()
 before = anon_mb()
 release = LargestBatchRelease.for_this_process()
@@ -170,8 +172,5 @@ def test_the_release_returns_freed_pages_with_the_allocator_serving_the_process(
     assert probe.returncode == 0, probe.stderr
     result = json.loads(probe.stdout.strip().splitlines()[-1])
     assert result["allocator"] == name
-    if name == "mimalloc":  # no release call with its purging off: nothing is claimed
-        assert result["released"] == 0
-        return
     assert result["released"] == 1
-    assert result["drop_mb"] > 150, result  # 2,700 freed blocks of 100 kB
+    assert result["drop_mb"] > 150, result  # of 540 MB freed in blocks of 100 kB and 1 MB

@@ -327,14 +327,13 @@ class TrainConfig(Section):
     """The malloc behind the process's CPU memory, preloaded (``LD_PRELOAD``) when ``tunelab train`` or ``tunelab
     demo`` starts, on Linux. Training frees and re-makes tensors of the same shapes layer after layer, which
     fragments glibc's heap: that is most of a CPU run's peak RSS (bench/RESULTS.md, "Allocator"). ``auto``: on a
-    machine without a GPU, jemalloc, else mimalloc (``pip install 'tunelab[cpu]'``), else tcmalloc;
-    the system allocator with a GPU or when none is installed. A named one that is not installed is an error.
-    Freed pages are kept for reuse (unless the allocator's own setting is in the environment): peak RSS is
-    what it is, and steps do not fault the pages in again."""
+    machine without a GPU, jemalloc, else mimalloc (tunelab's install brings it on Linux x86_64 and aarch64),
+    else tcmalloc; the system allocator with a GPU or when none is installed. A named one that is not installed is
+    an error. Freed pages are kept for reuse (unless the allocator's own setting is in the environment): peak RSS
+    is what it is, and steps do not fault the pages in again."""
     cpu_release_memory: bool = True
     """On a CPU, hand the allocator's freed pages back to the kernel just before a batch with more tokens than any
-    before it (jemalloc, tcmalloc or glibc's malloc, whichever serves the process; mimalloc has no such call with
-    its purging off). The kept pages are
+    before it (jemalloc, mimalloc, tcmalloc or glibc's malloc, whichever serves the process). The kept pages are
     holes of the earlier, smaller batches' sizes; released, the largest batch lays its tensors out in fresh pages
     and the run's peak RSS is that batch's own: 1,555 instead of 1,636 MB in the peer bench's full fine-tuning
     (bench/RESULTS.md). It happens a few times a run, so the cost is not measurable. No effect on a GPU."""

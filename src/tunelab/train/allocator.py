@@ -32,6 +32,12 @@ from tunelab.errors import ConfigError
 MARKER = "TUNELAB_CPU_ALLOCATOR"
 
 
+# mimalloc's purge delay, in ms: 11.6 days, so never within a run. Not -1 ("never purge"): with -1 freed pages are
+# not even scheduled for purging, and mi_collect(true) then has nothing to return (measured: 1,872 MB stayed
+# 1,872); with a delay they are scheduled, and the forced collect of LargestBatchRelease returns them (to 682 MB).
+MIMALLOC_PURGE_DELAY_MS = "1000000000"
+
+
 @dataclass(frozen=True)
 class Allocator:
     sonames: tuple[str, ...]
@@ -49,17 +55,20 @@ ALLOCATORS: dict[str, Allocator] = {
     "jemalloc": Allocator(("libjemalloc.so.2", "libjemalloc.so"),
                           ("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1"),
                           "apt install libjemalloc2, or conda install -c conda-forge jemalloc"),
-    "mimalloc": Allocator(("libmimalloc.so.3", "libmimalloc.so.2", "libmimalloc.so"), ("MIMALLOC_PURGE_DELAY", "-1"),
-                          "pip install 'tunelab[cpu]' (cmeel-mimalloc), or apt install libmimalloc3"),
+    "mimalloc": Allocator(("libmimalloc.so.3", "libmimalloc.so.2", "libmimalloc.so"),
+                          ("MIMALLOC_PURGE_DELAY", MIMALLOC_PURGE_DELAY_MS),
+                          "pip install cmeel-mimalloc (tunelab's own install brings it on Linux x86_64 and aarch64), "
+                          "or apt install libmimalloc3"),
     "tcmalloc": Allocator(("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so",
                            "libtcmalloc.so"), ("TCMALLOC_RELEASE_RATE", "0"),
                           "apt install libtcmalloc-minimal4, or conda install -c conda-forge gperftools"),
 }
 # ``auto`` takes the first one found, in the order measured on the peer bench (bench/RESULTS.md, "Allocator").
 AUTO_ORDER = ("jemalloc", "mimalloc", "tcmalloc")
-# pip packages that ship allocator libraries, and the folder inside them: cmeel-mimalloc (``tunelab[cpu]``) brings
-# one without a system package manager (a C library in a wheel, made for CMake users; tunelab only needs its .so).
-# An extra, not a base dependency: it installs a .pth file that runs at every Python start.
+# pip packages that ship allocator libraries, and the folder inside them: cmeel-mimalloc brings one without a system
+# package manager (a C library in a wheel, made for CMake users; tunelab only needs its .so). A base dependency on
+# Linux x86_64/aarch64, so that a plain ``pip install tunelab`` trains with a lean heap on a CPU; its cost is a .pth
+# file that appends one folder to sys.path at each Python start (0.3 ms).
 WHEEL_LIBRARY_DIRS = {"cmeel-mimalloc": "cmeel.prefix/lib"}
 
 
@@ -127,7 +136,7 @@ def plan_allocator(choice: str, *, environ: dict[str, str] | None = None, gpu_pr
         found = next(((name, path) for name in AUTO_ORDER if (path := find_allocator(name, dirs))), None)
         if found is None:
             return AllocatorPlan("system", "auto: the system allocator (no jemalloc, mimalloc or tcmalloc found; "
-                                 "pip install 'tunelab[cpu]' or apt install libjemalloc2 for a lower peak RSS)")
+                                 "apt install libjemalloc2 or pip install cmeel-mimalloc for a lower peak RSS)")
         name, path = found
         reason = "auto: a CPU run, so the allocator that keeps its peak memory lowest"
     else:
@@ -201,8 +210,9 @@ def describe_allocator(choice: str) -> dict[str, str]:
 
 def _release_call(name: str) -> Callable[[], None] | None:
     """The call that hands the freed pages of allocator ``name`` (as :func:`allocator_in_use` names it) back to the
-    kernel, bound from this process's own symbols; None where there is none. None for mimalloc: with purging off
-    (tunelab's setting) ``mi_collect`` returns nothing, also with the delay set to 0 around it (measured)."""
+    kernel, bound from this process's own symbols; None where there is none. mimalloc's ``mi_collect(true)``
+    returns the pages scheduled for purging, which needs a purge delay that is long, not off
+    (:data:`MIMALLOC_PURGE_DELAY_MS`)."""
     try:
         process = ctypes.CDLL(None)
     except OSError:
@@ -210,6 +220,8 @@ def _release_call(name: str) -> Callable[[], None] | None:
     if name == "jemalloc" and hasattr(process, "mallctl"):
         # MALLCTL_ARENAS_ALL (4096 in jemalloc 5): every arena's unused dirty and muzzy pages.
         return lambda: process.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
+    if name == "mimalloc" and hasattr(process, "mi_collect"):
+        return lambda: process.mi_collect(ctypes.c_bool(True))
     if name == "tcmalloc" and hasattr(process, "MallocExtension_ReleaseFreeMemory"):
         return lambda: process.MallocExtension_ReleaseFreeMemory()
     if name == "system" and hasattr(process, "malloc_trim"):  # glibc's; musl has none
