@@ -19,19 +19,22 @@ TAGS=(--only-binary=:all: --no-deps --python-version 3.12 --implementation cp --
 fetch() {  # fetch FOLDER NAME==VERSION ...
   local folder=$1; shift
   mkdir -p "$folder"
-  python3 -m pip download -q "${TAGS[@]}" -d "$folder" "$@" 2>&1 | grep -v "is ignored" || true
+  # pip's own exit status counts (pipefail); only grep's "nothing left to print" is forgiven
+  python3 -m pip download -q "${TAGS[@]}" -d "$folder" "$@" 2>&1 | { grep -v "is ignored" || true; }
 }
 rm -rf .whl .whl2 .bnb .whlf
 fetch .whl pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 \
   liger-kernel==0.8.5 torchao==0.18.0
-fetch .whl2 transformers==5.24.0 peft==0.21.2
+# tokenizers too, though the image's 0.23.2 would do: transformers checks the version at import
+fetch .whl2 transformers==5.24.0 peft==0.21.2 tokenizers==0.23.2
 fetch .whlf llamafactory==0.9.5 transformers==5.6.0 peft==0.18.1 trl==0.24.0 datasets==4.0.0 accelerate==1.11.0 \
   tokenizers==0.22.2 dill==0.3.8 multiprocess==0.70.16 omegaconf==2.4.0 opentelemetry-api==1.45.2
 # bitsandbytes ships one library per CUDA version; the image's torch is built for CUDA 13.0.
-fetch /tmp/bnb-wheel bitsandbytes==0.50.2
+bnb_wheel=$(mktemp -d)
+fetch "$bnb_wheel" bitsandbytes==0.50.2
 mkdir -p .bnb
-python3 -m zipfile -e /tmp/bnb-wheel/bitsandbytes-0.50.2-*.whl .bnb/
-rm -rf /tmp/bnb-wheel .bnb/*.dist-info
+python3 -m zipfile -e "$bnb_wheel"/bitsandbytes-0.50.2-*.whl .bnb/
+rm -rf "$bnb_wheel" .bnb/*.dist-info
 find .bnb/bitsandbytes -name 'libbitsandbytes_*.so' ! -name 'libbitsandbytes_cuda130*.so' ! -name 'libbitsandbytes_cpu.so' \
   -delete
 ls .bnb/bitsandbytes/libbitsandbytes_*.so

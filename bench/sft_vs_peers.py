@@ -424,6 +424,8 @@ def targets(table: list[dict]) -> dict:
         "rss_vs_leanest_peer": rss_vs("padding_free"),
         **{key: rss_vs(mode) for key, (mode, _) in RSS_VARIANTS.items()},
         "loss_diff_padding_free_vs_padded": ours.get("max_step_loss_diff_vs_tunelab_padded"),
+        # --rows can leave peer modes out: then "fastest" and "leanest" are only among those that ran
+        "all_peer_rows": {(t, m) for t, m, _ in ROWS if t != "tunelab"} <= {(r["tool"], r["mode"]) for r in peers},
     }
 
 
@@ -454,7 +456,8 @@ def markdown(method: str, table: list[dict], goal: dict) -> str:
     if goal.get("loss_diff_padding_free_vs_padded") is not None:
         parts.append(f"largest per-step loss difference, tunelab padding-free vs padded: "
                      f"{goal['loss_diff_padding_free_vs_padded']:.1e}")
-    lines += ["", f"Targets ({method}): " + "; ".join(parts) + "."]
+    scope = "" if goal.get("all_peer_rows", True) else ", against only the peer rows that ran"
+    lines += ["", f"Targets ({method}{scope}): " + ("; ".join(parts) or "no peer row ran") + "."]
     return "\n".join(lines)
 
 

@@ -175,10 +175,11 @@ def _preload_allocator(args: argparse.Namespace, choice: str) -> None:
 def _examples(args: argparse.Namespace):
     from tunelab.data.build import load_splits, tokenize_splits
     from tunelab.data.template import build_template
-    from tunelab.models.load import load_tokenizer
+    from tunelab.models.load import add_new_tokens, load_tokenizer
 
     config = _load(args)
     tokenizer = load_tokenizer(config.model)
+    add_new_tokens(tokenizer, config.model.new_special_tokens)  # as training does: they tokenize as one id each
     template = build_template(config.data.template, tokenizer, config.data.custom_template)
     data = tokenize_splits(load_splits(config.data), template, tokenizer, config.data)
     return config, tokenizer, data

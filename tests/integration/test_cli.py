@@ -79,6 +79,23 @@ def test_preview_and_tokenize(tmp_path, tiny_model, arithmetic_file):
     assert all(r["source"].startswith(str(arithmetic_file) + ":") for r in rows)
 
 
+def test_tokenize_adds_the_new_special_tokens_as_training_does(tmp_path, tiny_model):
+    data = tmp_path / "calc.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"算 {i}+1", "output": f"<calc>{i}+1</calc> {i + 1}"},
+                                       ensure_ascii=False) + "\n" for i in range(20)), "utf-8")
+    config = write_config(tmp_path / "c.yaml", tiny_model, data, tmp_path / "run")
+    config.write_text(config.read_text("utf-8").replace(
+        "model: {", "model: {new_special_tokens: ['<calc>', '</calc>'], "), "utf-8")
+    out = tmp_path / "tok.jsonl"
+    tok = tunelab("data", "tokenize", str(config), "-o", str(out))
+    assert tok.returncode == 0, tok.stderr
+    from transformers import AutoTokenizer
+
+    vocabulary = len(AutoTokenizer.from_pretrained(tiny_model))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all({vocabulary, vocabulary + 1} <= set(r["input_ids"]) for r in rows)  # one id each, as in training
+
+
 def test_train_eval_compare_end_to_end(tmp_path, tiny_model, arithmetic_file):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_model, arithmetic_file, run)

@@ -155,3 +155,13 @@ def test_bad_arguments_and_missing_files_exit_with_codes(tmp_path):
     for command in ("report", "clean", "split"):
         shown = tunelab("data", command, "--help")
         assert shown.returncode == 0 and f"usage: tunelab data {command}" in shown.stdout
+
+
+def test_report_on_a_file_without_one_readable_record_lists_its_bad_records(tmp_path):
+    bad = write(tmp_path / "bad.jsonl", [{"a": 1}, {"问": "答"}])
+    result = tunelab("data", "report", str(bad), "-o", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text("utf-8"))
+    assert report["inventory"]["files"][0]["rejected"] == 2
+    assert report["diversity"]["topics"]["score"] is None
+    assert f"{bad}:2" in (tmp_path / "report" / "report.md").read_text("utf-8")

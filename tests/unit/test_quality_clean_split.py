@@ -172,6 +172,18 @@ def test_majority_vote_keeps_the_most_common_answer_and_names_it(tmp_path):
     assert clean_files([path], dropped_all, CleanOptions(conflicts="drop")).reasons == {"conflict": 8}
 
 
+def test_majority_vote_names_the_kept_answer_when_an_outvoted_record_comes_first(tmp_path):
+    data = [row("北京是哪个国家的首都？", "日本"), row("北京是哪个国家的首都？", "中国"),
+            row("北京是哪个国家的首都？", "中国"), *unique_rows(3, 5)]
+    path = write(tmp_path / "in.jsonl", data)
+    out = tmp_path / "clean.jsonl"
+    result = clean_files([path], out, CleanOptions(conflicts="majority"))
+    rejects = read(rejects_path(out))
+    assert [r["source"] for r in rejects] == [f"{path}:1"]
+    assert rejects[0]["reason"].endswith(f"is kept, first at {path}:2: '中国'")
+    assert result.kept == 5 and dict(result.reasons) == {"conflict_minority": 1}
+
+
 def test_clean_and_split_read_a_config_with_its_formats(tmp_path):
     from tunelab.data.quality.stream import read_inputs
 

@@ -182,6 +182,18 @@ def test_csv_rows_lines_and_empty_cells(tmp_path):
     assert load(path).records[0].turns == (Turn("user", "写诗"), Turn("assistant", "第一行\n第二行"))
 
 
+def test_an_unclosed_csv_quote_is_an_error_not_a_cell_that_swallows_the_file(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('instruction,output\n问1,"答1\n问2,答2\n问3,答3\n', encoding="utf-8")
+    assert error_message(path) == (f"{path}:2: -: invalid CSV: unexpected end of data (a quoted cell that starts "
+                                   "in this row is never closed)")
+    bad_quote = tmp_path / "q.csv"
+    bad_quote.write_text('instruction,output\nq1,"a"b\nq2,a2\n', encoding="utf-8")
+    loaded = load(bad_quote, on_bad_record="skip")
+    assert [r.source for r in loaded.records] == [f"{bad_quote}:3"]  # the reader goes on after a bad row
+    assert [r.source for r in loaded.rejects] == [f"{bad_quote}:2"]
+
+
 def test_parquet_round_trip(tmp_path):
     path = tmp_path / "d.parquet"
     rows = [
@@ -222,7 +234,20 @@ def test_bytes_neither_utf8_nor_gbk_name_the_offset(tmp_path):
     path.write_bytes(data)
     offset = data.index(0xE9)  # "é" in Latin-1; followed by '"' it is not a GBK pair either
     assert error_message(path) == (
-        f"{path}: not valid UTF-8 (or GBK) text: byte 0xe9 at offset {offset}; re-save the file as UTF-8"
+        f"{path}:1: not valid UTF-8 (or GBK) text: byte 0xe9 at offset {offset}; re-save the file as UTF-8"
+    )
+
+
+def test_a_utf8_chinese_file_with_one_stray_byte_is_an_error_not_gbk_mojibake(tmp_path):
+    # UTF-8 Chinese often decodes as GBK too; one Latin-1 byte must not turn every line into mojibake.
+    good = '{"instruction": "你好", "output": "世界你好"}\n'.encode()
+    data = good * 3 + b'{"instruction": "caf\xe9s", "output": "ok"}\n' + good
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(data)
+    assert data.decode("gbk")  # the trap: the whole file is valid GBK
+    assert error_message(path) == (
+        f"{path}:4: not valid UTF-8: byte 0xe9 at offset {data.index(0xE9)} (1 undecodable byte in a file that "
+        "is otherwise UTF-8); fix or remove it"
     )
 
 

@@ -49,3 +49,14 @@ def test_collator_pads_to_longest_in_batch_not_cutoff():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     left = PaddedCollator(pad_token_id=0, padding_side="left")([{"input_ids": [1, 2]}, {"input_ids": [3]}])
     assert left["input_ids"].tolist() == [[1, 2], [0, 3]]
+
+
+def test_a_dataset_without_one_readable_record_is_named(tmp_path):
+    from tunelab.config.schema import DataConfig
+    from tunelab.data.build import load_splits
+    from tunelab.errors import DataError
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"a": 1}\n{"b": 2}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl: no readable records \(2 bad ones skipped\)"):
+        load_splits(DataConfig(datasets=[{"path": str(path)}], on_bad_record="skip"))

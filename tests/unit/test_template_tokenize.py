@@ -154,3 +154,54 @@ def test_text_records_are_fully_supervised_with_eos(tokenizer):
     example = tokenize_record(record, template, tokenizer, cutoff_len=64)
     assert example.labels == example.input_ids
     assert example.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_a_preference_record_trains_sft_on_its_chosen_answer(tokenizer, tmp_path):
+    import json
+
+    from tunelab.config.schema import DataConfig
+    from tunelab.data.build import load_splits
+
+    template = build_template(None, tokenizer)
+    preference = Record(turns=(Turn("user", "推荐一本书"),), kind="preference", chosen="《红楼梦》", rejected="不知道",
+                        source="p.jsonl:1")
+    example = tokenize_record(preference, template, tokenizer, cutoff_len=1024)
+    assert example is not None and supervised_text(example, tokenizer)[0].startswith("《红楼梦》")
+    assert "不知道" not in tokenizer.decode(example.input_ids)
+
+    rows = [{"prompt": f"问题{i}", "chosen": f"好答案{i}", "rejected": f"坏答案{i}"} for i in range(6)]
+    path, chat = tmp_path / "pref.jsonl", tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    chat.write_text(json.dumps({"instruction": "你好", "output": "你好！"}, ensure_ascii=False) + "\n", "utf-8")
+    splits = load_splits(DataConfig(datasets=[{"path": str(path)}, {"path": str(chat)}], val_size=0, test_size=0.3))
+    assert [m["preference_as_chosen"] for m in splits.mix] == [6, 0]
+    every = [*splits.train, *splits.test]
+    assert len(every) == 7 and all(r.kind == "chat" for r in every)
+    assert {r.answer for r in every} == {*(f"好答案{i}" for i in range(6)), "你好！"}  # test answers are the chosen
+
+
+def test_a_chat_template_that_refuses_a_record_is_a_data_error_naming_it(tiny_model):
+    from transformers import AutoTokenizer
+
+    from tunelab.errors import DataError
+
+    strict = AutoTokenizer.from_pretrained(tiny_model)  # a copy: the session's tokenizer keeps its template
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}"
+                            "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                            "{% if add_generation_prompt %}assistant: {% endif %}")
+    template = build_template(None, strict)
+    plain = Record(turns=(Turn("user", "你好"), Turn("assistant", "你好！")), source="d.jsonl:3")
+    assert tokenize_record(plain, template, strict, cutoff_len=64) is not None
+    with pytest.raises(DataError, match=r"^d\.jsonl:7: messages: the tokenizer's chat template refuses this "
+                                        r"conversation: System role not supported"):
+        tokenize_record(Record(turns=plain.turns, system="你是助手", source="d.jsonl:7"), template, strict, 64)
+
+
+def test_a_shortened_chinese_question_never_ends_in_a_broken_character(tokenizer):
+    # Rare characters are byte-level tokens in the tiny tokenizer: a cut can fall inside one character.
+    record = Record(turns=(Turn("user", "龘靐齉爨" * 30), Turn("assistant", "好的")))
+    template = build_template("chatml", tokenizer)
+    shortened = [tokenize_record(record, template, tokenizer, cutoff) for cutoff in range(30, 60)]
+    assert any(e.truncation == "prompt" for e in shortened)
+    assert all("\ufffd" not in tokenizer.decode(e.input_ids) for e in shortened)

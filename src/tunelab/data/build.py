@@ -14,7 +14,7 @@ from tunelab.data.record import Record
 from tunelab.data.split import SourceSample, apply_samples, sample_sources, split_items
 from tunelab.data.template import Template
 from tunelab.data.tokenize import Example, TokenizeStats, tokenize_record
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, DataError
 
 
 @dataclass
@@ -49,12 +49,19 @@ def load_splits(config: DataConfig) -> RecordSplits:
     for spec in config.datasets:
         loaded = load_records(spec, config.on_bad_record)
         rejects.extend(loaded.rejects)
-        splits = split_items(loaded.records, config.val_size, config.test_size, config.seed)
+        if not loaded.records:
+            raise DataError(spec.path, None, f"no readable records ({len(loaded.rejects)} bad ones skipped)")
+        # SFT trains on (and evaluates against) a preference record's chosen answer; converted here, before the
+        # split, so that test.jsonl holds the answer the evaluation compares with.
+        preference = sum(record.kind == "preference" for record in loaded.records)
+        records = [record.as_sft() for record in loaded.records] if preference else loaded.records
+        splits = split_items(records, config.val_size, config.test_size, config.seed)
         parts.append((splits.train, spec.weight))
         validation.extend(splits.validation)
         test.extend(splits.test)
         mix.append({"path": spec.path, "format": loaded.format, "records": len(loaded.records),
-                    "rejected": len(loaded.rejects), "weight": spec.weight, "train_available": len(splits.train)})
+                    "rejected": len(loaded.rejects), "weight": spec.weight, "train_available": len(splits.train),
+                    "preference_as_chosen": preference})
     samples, rng = sample_sources([len(items) for items, _ in parts], [w for _, w in parts], config.seed)
     train = apply_samples([items for items, _ in parts], samples, rng)
     for entry, sample in zip(mix, samples, strict=True):

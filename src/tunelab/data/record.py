@@ -8,7 +8,7 @@ continued pre-training is a single assistant turn with ``kind == "text"`` so the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Role = Literal["user", "assistant"]
@@ -49,6 +49,14 @@ class Record:
         if self.turns and self.turns[-1].role == "assistant":
             return self.turns[-1].content
         return None
+
+    def as_sft(self) -> Record:
+        """What supervised fine-tuning learns from this record: a preference record becomes its prompt answered by
+        the chosen answer (the rejected one is for preference training); any other record is itself."""
+        if self.kind != "preference" or self.chosen is None:
+            return self
+        return replace(self, turns=(*self.turns, Turn("assistant", self.chosen)), kind="chat", chosen=None,
+                       rejected=None)
 
     def to_messages(self) -> list[dict[str, str]]:
         """OpenAI-style messages, system first when present."""

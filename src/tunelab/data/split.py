@@ -26,6 +26,8 @@ def split_size(size: float, total: int, field: str) -> int:
     count = round(size * total) if size < 1 else int(size)
     if size < 1 and count == 0 and total > 1:
         count = 1
+    if total == 0:
+        raise ConfigError(f"{field}: there are no readable records to split")
     if count >= total:
         raise ConfigError(f"{field}: {size} leaves no training samples out of {total}")
     return count

@@ -119,6 +119,10 @@ NAMED_TEMPLATES: dict[str, StringTemplate] = {
 TEMPLATE_NAMES: tuple[str, ...] = (*sorted(NAMED_TEMPLATES), "custom")
 
 
+class TemplateRefused(ValueError):
+    """The tokenizer's chat template raised an error for a conversation (the tokenizer refuses its shape)."""
+
+
 class ChatTemplate:
     """The tokenizer's own chat template, split into segments.
 
@@ -134,10 +138,15 @@ class ChatTemplate:
         self.tokenizer = tokenizer
 
     def _apply(self, system: str | None, turns: Sequence[Turn], add_generation_prompt: bool) -> str:
+        from jinja2 import TemplateError
+
         messages = ([{"role": "system", "content": system}] if system else []) + [t.to_dict() for t in turns]
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as error:  # e.g. raise_exception('System role not supported') inside the template
+            raise TemplateRefused(str(error)) from None
 
     def render(self, system: str | None, turns: Sequence[Turn], add_generation_prompt: bool = False) -> list[Segment]:
         parts: list[Segment] = []

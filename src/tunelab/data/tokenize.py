@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tunelab.data.record import Record, Turn
-from tunelab.data.template import Segment, Template
+from tunelab.data.template import Segment, Template, TemplateRefused
+from tunelab.errors import DataError
 
 IGNORE_INDEX = -100
 # How many extra tokens to cut from a too-long prompt per retry: decoding a cut token sequence and re-encoding it
@@ -95,9 +96,20 @@ def tokenize_record(
 
     Truncation order (the answer is what the model learns, so it is cut last): drop the oldest exchanges, then
     shorten the last user message from its end when that makes the whole answer fit, else cut the answer's tail.
+    A record the tokenizer's chat template refuses is a ``DataError`` naming it.
     """
+    try:
+        return _tokenize_record(record, template, tokenizer, cutoff_len, train_on)
+    except TemplateRefused as error:
+        raise DataError(record.source, "messages", f"the tokenizer's chat template refuses this conversation: "
+                        f"{error}; pick another data.template (e.g. chatml) or change the record") from None
+
+
+def _tokenize_record(record: Record, template: Template, tokenizer: Any, cutoff_len: int, train_on: str
+                     ) -> Example | None:
     if record.kind == "text":
         return _tokenize_text(record, tokenizer, cutoff_len)
+    record = record.as_sft()
     turns = list(record.turns)
     truncation = "none"
     example = _encode(record.system, turns, template, tokenizer, train_on)
@@ -148,7 +160,8 @@ def _shorten_last_user(turns: list[Turn], tokenizer: Any, cut: int) -> list[Turn
     if not ids:
         return None
     keep = max(len(ids) - cut, 0)
-    content = tokenizer.decode(ids[:keep]) if keep else ""
+    # A cut between the bytes of one character (Chinese in byte-level BPE) decodes to U+FFFD: leave it out.
+    content = tokenizer.decode(ids[:keep]).rstrip("\ufffd") if keep else ""
     if content == turns[index].content:
         return None
     return _with_last_user(turns, content)

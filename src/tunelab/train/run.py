@@ -280,6 +280,9 @@ def describe_data(console: Console, splits: Any, data: Any, template_name: str) 
         console.print(f"  {entry['path']}: {entry['records']} records ({entry['format']}), {entry['rejected']} "
                       f"rejected; weight {entry['weight']} -> {entry['train_used']} in training "
                       f"({entry['share']:.1%}), {entry['sampling']}")
+        if entry.get("preference_as_chosen"):
+            console.print(f"  {entry['path']}: {entry['preference_as_chosen']} preference records train on their "
+                          "chosen answer (stage sft; the rejected answers are for preference training)")
     for name, stat in data.stats.items():
         console.print(f"  {name}: {stat.describe()}")
 

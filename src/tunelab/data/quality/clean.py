@@ -155,7 +155,8 @@ def rejects_path(out: Path) -> Path:
 def clean_files(sources: Sequence[str | Source], out: Path, options: CleanOptions) -> CleanResult:
     """Write the kept records to ``out`` (OpenAI messages JSONL) and every dropped row to ``OUT.rejects.jsonl``.
 
-    Three streaming passes (statistics, kept records, rejects), so memory does not grow with the input.
+    Streaming passes (statistics, kept records, the answers quoted in rejects, rejects), so memory does not grow
+    with the input.
     """
     if not (options.dedup or options.near_dedup or options.conflicts != "keep" or options.drop_flags
             or options.min_chars is not None or options.max_chars is not None):
@@ -189,14 +190,15 @@ def clean_files(sources: Sequence[str | Source], out: Path, options: CleanOption
                 yield item
 
     def rejects() -> Iterator[Reject]:
-        stand_ins: dict[int, tuple[str, str]] = {}  # index -> (source, answer) of the records kept for others
+        # index -> (source, answer) of the records kept for others: read first, since a majority answer's first
+        # record can come after an outvoted one
+        stand_ins = {index: (item.source, _quote(item)) for item, index in rows()
+                     if isinstance(item, Record) and index in referenced}
         for item, index in rows():
             if isinstance(item, Reject):
                 yield Reject(item.source, f"unreadable: {item.reason}", item.raw)
                 continue
             assert index is not None  # every record has a stream index
-            if index in referenced:
-                stand_ins[index] = (item.source, _quote(item))  # it always comes before the records it stands for
             drop = drops.get(index)
             if drop is not None:
                 yield Reject(item.source, f"{drop.rule}: {_detail(drop, stand_ins)}",

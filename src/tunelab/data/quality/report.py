@@ -76,10 +76,11 @@ def _token_lengths(settings: ReportSettings, config: Any) -> TokenLengths | None
         return None
     from tunelab.config.schema import DataConfig, ModelConfig
     from tunelab.data.template import build_template
-    from tunelab.models.load import load_tokenizer
+    from tunelab.models.load import add_new_tokens, load_tokenizer
 
     model_config = config.model if config is not None else ModelConfig(name_or_path=settings.model)
     tokenizer = load_tokenizer(model_config.model_copy(update={"name_or_path": settings.model}))
+    add_new_tokens(tokenizer, model_config.new_special_tokens)  # lengths as training counts them
     custom = config.data.custom_template if config is not None else None
     template = build_template(settings.template, tokenizer, custom)
     cutoff = settings.cutoff_len or DataConfig.model_fields["cutoff_len"].default

@@ -75,6 +75,8 @@ class FileSummary:
     records: int = 0
     rejected: int = 0
     reject_examples: list[dict[str, str]] = field(default_factory=list)
+    preference: int = 0
+    """Preference records (SFT trains on their chosen answer)."""
 
     def count(self, item: Record | Reject, fmt: str) -> None:
         if isinstance(item, Reject):
@@ -83,6 +85,7 @@ class FileSummary:
                 self.reject_examples.append({"source": item.source, "reason": item.reason})
         else:
             self.records += 1
+            self.preference += item.kind == "preference"
             self.format = fmt
 
 
@@ -196,7 +199,7 @@ def config_stream(config: DataConfig) -> RecordStream:
             side[train[np.array(sample.extra, dtype=np.int64)]] = _TRAIN
         mix.append({"path": spec.path, "format": summary.format, "records": summary.records,
                     "rejected": summary.rejected, "weight": spec.weight, "train_available": int(train.size),
-                    **mix_entry(sample, total)})
+                    "preference_as_chosen": summary.preference, **mix_entry(sample, total)})
     del train_positions, samples
 
     def open_stream() -> Iterator[Item]:

@@ -345,6 +345,8 @@ def find_topics(texts: Sequence[str], seed: int) -> Topics | None:
     """
     from threadpoolctl import threadpool_limits
 
+    if len(texts) < 2 * MIN_PER_CLUSTER:  # also keeps an empty input (every record unreadable) out of _tfidf
+        return None
     with threadpool_limits(limits=1, user_api="blas"):
         matrix, vocabulary = _tfidf(texts)
         k_max = min(K_MAX, matrix.rows // MIN_PER_CLUSTER)

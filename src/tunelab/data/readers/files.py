@@ -52,41 +52,74 @@ def read_rows(path: str | Path) -> Iterator[RowOrError]:
 
 
 def decode_text(data: bytes, name: str) -> str:
-    """Decode a text file's bytes: UTF-8 (BOM stripped), else GBK, else a ``DataError`` pointing at the bad byte."""
-    offset = 0
-    if data.startswith(codecs.BOM_UTF8):
-        # Windows tools (Notepad, Excel's "CSV UTF-8") prepend a BOM; left in, it would become part of the first key.
-        data, offset = data[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as utf8_error:
-        try:
-            # Chinese datasets saved on Windows are often GBK (code page 936); decoding strictly means a file in
-            # any other legacy encoding still fails below instead of turning into mojibake in most cases.
-            return data.decode("gbk")
-        except UnicodeDecodeError:
-            raise _undecodable(name, data[utf8_error.start], offset + utf8_error.start) from None
+    """Decode a text file's bytes as :func:`text_encoding` decides (UTF-8 with its BOM stripped, else GBK)."""
+    encoding, bom = _encoding_of(io.BytesIO(data), name)
+    return data[bom:].decode(encoding)
 
 
 def text_encoding(path: Path, name: str) -> tuple[str, int]:
-    """``(encoding, BOM length)`` that :func:`decode_text` would use for the file, found by streaming it once.
-
-    The readers then decode the file piece by piece with that encoding, so the choice is made per file (a file
-    that is valid UTF-8 up to its last line is not read as UTF-8 and then GBK halfway through).
-    """
+    """``(encoding, BOM length)`` of a text file: UTF-8 (a BOM is skipped: Windows tools such as Notepad and Excel's
+    "CSV UTF-8" prepend one, and left in it would become part of the first key), else GBK, else a ``DataError``
+    naming the line of the first byte that is not UTF-8. Found by streaming the file; the readers then decode it
+    piece by piece with that encoding, so the choice is made per file (a file that is valid UTF-8 up to its last
+    line is not read as UTF-8 and then GBK halfway through)."""
     with path.open("rb") as handle:
-        bom = len(codecs.BOM_UTF8) if handle.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
-        handle.seek(bom)
-        utf8_error = _first_decode_error(handle, "utf-8")
-        if utf8_error is None:
-            return "utf-8", bom
-        handle.seek(bom)
+        return _encoding_of(handle, name)
+
+
+# Undecodable bytes, as a share of a file's non-ASCII bytes, up to which the file is UTF-8 with damaged bytes rather
+# than GBK. A GBK file fails UTF-8 at nearly every non-ASCII byte; a UTF-8 file with one stray byte would decode
+# as GBK too (UTF-8's Chinese often does), and every line would turn into mojibake.
+_DAMAGED_UTF8_SHARE = 0.05
+
+
+def _encoding_of(handle: Any, name: str) -> tuple[str, int]:
+    bom = len(codecs.BOM_UTF8) if handle.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+    handle.seek(bom)
+    utf8_error = _first_decode_error(handle, "utf-8")
+    if utf8_error is None:
+        return "utf-8", bom
+    handle.seek(bom)
+    bad, non_ascii = _utf8_damage(handle)
+    handle.seek(bom)
+    if bad > _DAMAGED_UTF8_SHARE * non_ascii:
+        # Chinese datasets saved on Windows are often GBK (code page 936); decoding strictly means a file in any
+        # other legacy encoding still fails here instead of turning into mojibake in most cases.
         if _first_decode_error(handle, "gbk") is None:
             return "gbk", bom
-    raise _undecodable(name, utf8_error[1], bom + utf8_error[0])
+        handle.seek(bom)
+    offset, byte = utf8_error
+    line = _line_at(handle, offset)
+    if bad <= _DAMAGED_UTF8_SHARE * non_ascii:
+        raise DataError(f"{name}:{line}", None, f"not valid UTF-8: byte 0x{byte:02x} at offset {bom + offset} "
+                        f"({bad} undecodable byte{'s' * (bad != 1)} in a file that is otherwise UTF-8); fix or remove "
+                        f"{'them' if bad != 1 else 'it'}")
+    raise DataError(f"{name}:{line}", None, f"not valid UTF-8 (or GBK) text: byte 0x{byte:02x} at offset "
+                    f"{bom + offset}; re-save the file as UTF-8")
 
 
 _SCAN_BYTES = 1 << 20
+_ASCII = bytes(range(128))
+
+
+def _utf8_damage(handle: Any) -> tuple[int, int]:
+    """(bytes that are not UTF-8, non-ASCII bytes) from the current position to the end."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")  # a bad byte -> one lone surrogate
+    bad = non_ascii = 0
+    while chunk := handle.read(_SCAN_BYTES):
+        non_ascii += len(chunk.translate(None, _ASCII))
+        bad += sum(1 for char in decoder.decode(chunk) if "\udc80" <= char <= "\udcff")
+    bad += sum(1 for char in decoder.decode(b"", final=True) if "\udc80" <= char <= "\udcff")
+    return bad, non_ascii
+
+
+def _line_at(handle: Any, offset: int) -> int:
+    """The 1-based line of byte ``offset`` (from the current position)."""
+    newlines = 0
+    while offset > 0 and (chunk := handle.read(min(_SCAN_BYTES, offset))):
+        newlines += chunk.count(b"\n")
+        offset -= len(chunk)
+    return newlines + 1
 
 
 def _first_decode_error(handle: Any, encoding: str) -> tuple[int, int] | None:
@@ -103,11 +136,6 @@ def _first_decode_error(handle: Any, encoding: str) -> tuple[int, int] | None:
         if not chunk:
             return None
         offset += len(chunk)
-
-
-def _undecodable(name: str, byte: int, offset: int) -> DataError:
-    return DataError(name, None,
-                     f"not valid UTF-8 (or GBK) text: byte 0x{byte:02x} at offset {offset}; re-save the file as UTF-8")
 
 
 def _not_an_object(source: str, value: object) -> DataError:
@@ -293,7 +321,8 @@ def _read_csv(path: Path, name: str) -> Iterator[RowOrError]:
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     with path.open("rb") as raw:
         raw.seek(bom)
-        yield from _csv_rows(csv.reader(io.TextIOWrapper(raw, encoding=encoding, newline="")), name)
+        # strict: an unclosed quote is an error, not a cell that swallows the rest of the file
+        yield from _csv_rows(csv.reader(io.TextIOWrapper(raw, encoding=encoding, newline=""), strict=True), name)
 
 
 def _csv_rows(reader: Any, name: str) -> Iterator[RowOrError]:
@@ -304,8 +333,18 @@ def _csv_rows(reader: Any, name: str) -> Iterator[RowOrError]:
         columns = [column.strip() for column in header]
         # A quoted cell may span lines, so a row starts on the line after the previous row ended.
         start = reader.line_num + 1
-        for cells in reader:
+        while True:
             source = f"{name}:{start}"
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:  # the reader goes on with the next line
+                start = reader.line_num + 1
+                unclosed = " (a quoted cell that starts in this row is never closed)" if "end of data" in str(
+                    error) else ""
+                yield source, DataError(source, "-", f"invalid CSV: {error}{unclosed}")
+                continue
             start = reader.line_num + 1
             if not any(cells):
                 continue  # a blank line or a row of empty cells: nothing to read
