@@ -123,6 +123,40 @@ def _probability(text: str) -> float:
     return value
 
 
+def _shard_size(text: str) -> str:
+    """``--max-shard-size``: a size as transformers' ``save_pretrained`` reads it (checked here, not after a merge)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number and a unit, such as 500MB, 2GB or 5GiB, got "
+                                         f"{text!r}") from None
+    return text
+
+
+def _device(text: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N that this machine has (checked before the model loads)."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is visible on this machine; use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                                             f"cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def _number(kind: Callable[[str], _N], text: str, what: str) -> _N:
     try:
         return kind(text)
@@ -413,7 +447,8 @@ def _ship_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
     export.add_argument("-o", "--output", required=True, help="folder to write (new or empty)")
     export.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    export.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    export.add_argument("--max-shard-size", default="2GB", type=_shard_size,
+                        help="largest safetensors shard (default 2GB)")
     export.add_argument("--template", help="template to write as the chat template (default: the run's)")
     export.set_defaults(handler=cmd_export)
 
@@ -465,7 +500,8 @@ def _model_arguments(parser: argparse.ArgumentParser, adapter_help: str) -> None
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH", help=adapter_help)
     parser.add_argument("--template", help="prompt template (default: the run's, else the tokenizer's)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:1")
+    parser.add_argument("--device", default="auto", type=_device,
+                        help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:1")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -45,7 +45,8 @@ def test_bad_config_value_exits_2_before_loading_anything(tmp_path):
     config.write_text("model: {name_or_path: /does/not/exist}\nmethod: {name: lorra}\n")
     result = tunelab("train", str(config))
     assert result.returncode == 2
-    assert "method.name: got 'lorra'; allowed values: 'full', 'freeze', 'lora', 'dora', 'qlora'," in result.stderr
+    assert ("method.name: got 'lorra' (did you mean 'lora'?); allowed values: 'full', 'freeze', 'lora', 'dora', "
+            "'qlora',") in result.stderr
     assert "Traceback" not in result.stderr
     typo = tunelab("train", str(config), "method.name=lora", "train.lerning_rate=1")
     assert typo.returncode == 2 and "did you mean 'train.learning_rate'" in typo.stderr
@@ -54,6 +55,16 @@ def test_bad_config_value_exits_2_before_loading_anything(tmp_path):
 def test_bad_arguments_exit_2():
     assert tunelab("eval", "--model", "x").returncode == 2
     assert tunelab("frobnicate").returncode == 2
+    # checked when the arguments are read, not after a model has loaded or a merge has run
+    shard = tunelab("export", "--adapter", "no-run", "-o", "out", "--max-shard-size", "banana")
+    assert shard.returncode == 2 and "--max-shard-size: expected a whole number and a unit" in shard.stderr
+    device = tunelab("chat", "--model", "no-model", "--device", "cudaX")
+    assert device.returncode == 2 and "--device: expected auto, cpu, cuda or cuda:N, got 'cudaX'" in device.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        missing = tunelab("chat", "--model", "no-model", "--device", "cuda")
+        assert missing.returncode == 2 and "no CUDA GPU is visible on this machine" in missing.stderr
 
 
 def test_bad_data_names_file_line_and_field(tmp_path, tiny_model):

@@ -323,6 +323,10 @@ def test_sweep_checks_every_combination_before_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(qlora.importlib.util, "find_spec", lambda name: None)
     overrides = [f"train.output_dir={tmp_path / 's'}", "model.name_or_path=org/model-a"]
+    # every run is evaluated after training, so a sweep without a test split is refused before any run trains
+    with pytest.raises(ConfigError, match="eval.after_training needs a held-out test split"):
+        plan_sweep(None, overrides, ["method.name=lora,full"])
+    overrides.append("data.test_size=0.1")
     with pytest.raises(ConfigError, match="sweep run qlora: method.name: qlora needs bitsandbytes"):
         plan_sweep(None, overrides, ["method.name=lora,qlora"])
     with pytest.raises(ConfigError, match="method.name: got 'lorra'"):

@@ -68,9 +68,15 @@ def test_method_lowers_loss_and_updates_only_what_it_trains(tiny_model, arithmet
     assert summary["tokens_seen"] > summary["supervised_tokens_seen"]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_model, arithmetic_file, tmp_path):
-    extra = ("method.name=lora", "method.lora.dropout=0.1", "train.max_steps=10", "train.save_steps=4",
-             "train.lr_scheduler_type=cosine", "train.warmup_ratio=0.2")
+@pytest.mark.parametrize("method", [
+    ("method.name=lora", "method.lora.dropout=0.1"),
+    # peft's adapter file holds P-tuning's output embeddings only; the encoder (MLP) comes from its own file
+    ("method.name=ptuning", "method.ptuning.num_virtual_tokens=4", "method.ptuning.encoder_hidden_size=16",
+     "train.learning_rate=0.05"),
+], ids=["lora", "ptuning"])
+def test_resume_reproduces_the_uninterrupted_run(tiny_model, arithmetic_file, tmp_path, method):
+    extra = (*method, "train.max_steps=10", "train.save_steps=4", "train.lr_scheduler_type=cosine",
+             "train.warmup_ratio=0.2")
     whole = run_training(config_for(tiny_model, arithmetic_file, tmp_path / "a", *extra))
     # the interrupted run had also logged steps 5 and 6 before it died
     partial = interrupted_copy(whole.output_dir, 4, tmp_path / "b", logged_steps=6)

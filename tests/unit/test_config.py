@@ -43,7 +43,8 @@ def test_unknown_field_suggests_the_right_name():
 def test_bad_choice_names_field_and_allowed_values():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["method.name=lorra"])
-    assert "method.name: got 'lorra'; allowed values: 'full', 'freeze', 'lora', 'dora', 'qlora', " in str(err.value)
+    assert ("method.name: got 'lorra' (did you mean 'lora'?); allowed values: 'full', 'freeze', 'lora', 'dora', "
+            "'qlora', ") in str(err.value)
 
 
 def test_all_problems_reported_at_once():
@@ -103,3 +104,14 @@ def test_shipped_examples_parse(path: Path):
 
 def test_examples_exist():
     assert len(EXAMPLES) >= 4
+
+
+def test_settings_that_would_fail_only_after_training_fail_before_it():
+    with pytest.raises(ConfigError, match=r"train\.max_steps: 0 trains nothing"):
+        load_config(None, ["train.max_steps=0"])
+    with pytest.raises(ConfigError, match=r"train\.eval_steps: Input should be greater than or equal to 1"):
+        load_config(None, ["train.eval_steps=0"])
+    with pytest.raises(ConfigError, match=r"^invalid config: eval\.after_training needs a held-out test split: set "
+                                          r"data\.test_size"):
+        load_config(None, ["eval.after_training=true"])
+    assert load_config(None, ["eval.after_training=true", "data.test_size=0.1"]).eval.after_training

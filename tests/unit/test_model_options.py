@@ -12,7 +12,13 @@ import torch
 from tunelab.config.load import load_config
 from tunelab.errors import ConfigError, RunError
 from tunelab.models.load import add_new_tokens, load_model, load_tokenizer, match_vocabulary
-from tunelab.models.methods import apply_method, check_method, method_quantization
+from tunelab.models.methods import (
+    apply_method,
+    check_adapter_targets,
+    check_method,
+    keep_trainable_fp32,
+    method_quantization,
+)
 from tunelab.models.methods.hybrid import switch_step
 
 
@@ -45,8 +51,39 @@ def test_freeze_pattern_that_matches_nothing_is_an_error(tiny_model):
     config = configured(tiny_model, "method.name=freeze", "method.freeze.trainable_layers=0")
     with pytest.raises(ConfigError, match="method.freeze: nothing trains"):
         apply_method(load_model(config.model), config.method)
-    with pytest.raises(ConfigError, match=r"method.freeze.trainable_patterns: Value error, '\(' is not a regular"):
+    with pytest.raises(ConfigError, match=r"method.freeze.trainable_patterns: '\(' is not a regular"):
         configured(tiny_model, "method.freeze.trainable_patterns=['(']")
+
+
+def test_adapter_targets_that_match_nothing_are_config_errors_before_training(tiny_model):
+    model = load_model(configured(tiny_model).model)
+    for overrides, message in (
+        (["method.name=hybrid", "method.lora.target_modules=[nomod]"],
+         r"method\.lora\.target_modules: \['nomod'\] matches no module of this model; its linear layers are named "
+         r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj \(or use all-linear\)"),
+        (["method.name=ia3", "method.ia3.target_modules=[nomod]"], r"method\.ia3\.target_modules: \['nomod'\]"),
+        (["method.lora.modules_to_save=[nomod]"], r"method\.lora\.modules_to_save: 'nomod' is not a module"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            check_adapter_targets(model, configured(tiny_model, *overrides).method)
+    for overrides in ([], ["method.lora.target_modules=[q_proj, v_proj]", "method.lora.modules_to_save=[lm_head]"],
+                      ["method.name=ia3"], ["method.name=freeze"]):
+        check_adapter_targets(model, configured(tiny_model, *overrides).method)
+
+
+def test_the_padding_free_and_lean_loss_probes_pass_with_fp32_trained_layers_over_a_bf16_base(tiny_model):
+    # freeze keeps its trained layers in fp32 beside the frozen bf16 ones; training runs under autocast, and so must
+    # the probes, or both features fall back for no reason
+    from tunelab.models.packed_attention import enable_padding_free, restore_attention
+    from tunelab.train.loss import lean_loss_unsupported
+
+    config = configured(tiny_model, "model.dtype=bf16", "method.name=freeze", "method.freeze.trainable_layers=1")
+    model = keep_trainable_fp32(apply_method(load_model(config.model), config.method))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}
+    assert lean_loss_unsupported(model) == ""
+    support = enable_padding_free(model, 64)
+    assert support.ok, support.reason
+    restore_attention(model, support.previous_attention)
 
 
 def test_freeze_with_new_tokens_trains_the_embeddings(tiny_model):
@@ -84,7 +121,7 @@ def test_ia3_targets_and_feedforward_modules(tiny_model):
     assert names and all("ia3_l" in n and ("v_proj" in n or "down_proj" in n) for n in names)
     config = configured(tiny_model, "method.name=ia3", "method.ia3.target_modules=[q_proj]")
     assert all("q_proj" in n for n in trainable_names(apply_method(load_model(config.model), config.method)))
-    with pytest.raises(ConfigError, match=r"method.ia3: Value error, feedforward_modules \['down_proj'\] are not in "
+    with pytest.raises(ConfigError, match=r"method.ia3: feedforward_modules \['down_proj'\] are not in "
                                           "target_modules"):
         configured(tiny_model, "method.ia3.target_modules=[q_proj]", "method.ia3.feedforward_modules=[down_proj]")
 

@@ -6,6 +6,7 @@ Validation happens here, before any model loads, so a typo costs a second rather
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -87,7 +88,12 @@ def describe_problem(err: Mapping[str, Any]) -> str:
         return f"{path}: unknown field{suggestion}; known fields: {', '.join(known)}"
     if kind == "literal_error":
         allowed = err.get("ctx", {}).get("expected", "")
-        return f"{path}: got {err['input']!r}; allowed values: {allowed}"
+        hint = difflib.get_close_matches(str(err["input"]), re.findall(r"'([^']*)'", allowed), n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"{path}: got {err['input']!r}{suggestion}; allowed values: {allowed}"
+    if kind == "value_error":  # a validator's own sentence, which names the fields it is about
+        message = str(err["msg"]).removeprefix("Value error, ")
+        return f"{path}: {message}" if path else message
     # A union (e.g. bool | str) reports one error per member; the literal branch above covers the useful one.
     return f"{path}: {err['msg']} (got {err.get('input')!r})"
 

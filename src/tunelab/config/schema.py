@@ -244,14 +244,22 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     num_train_epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1
-    """Positive: stop after this many optimizer steps (overrides num_train_epochs)."""
+    max_steps: int = Field(-1, ge=-1)
+    """Positive: stop after this many optimizer steps (overrides num_train_epochs); -1: num_train_epochs decides."""
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_not_zero(cls, value: int) -> int:
+        if value == 0:  # transformers would train one step
+            raise ValueError("0 trains nothing; give a positive number of steps, or -1 for num_train_epochs")
+        return value
+
     per_device_train_batch_size: int = Field(4, ge=1)
     per_device_eval_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     seed: int = 42
     logging_steps: int = Field(10, ge=1)
-    eval_steps: int | None = None
+    eval_steps: int | None = Field(None, ge=1)
     """Validation loss every N steps; ``null`` evaluates once per epoch when there is a validation split."""
     save_steps: int = Field(500, ge=1)
     save_total_limit: int | None = Field(3, ge=1)
@@ -382,3 +390,10 @@ class TunelabConfig(Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _after_training_eval_needs_a_test_split(self) -> TunelabConfig:
+        # Checked here, not when the evaluation starts: that would be after the whole training run.
+        if self.eval.after_training and self.data.test_size == 0:
+            raise ValueError("eval.after_training needs a held-out test split: set data.test_size (e.g. 0.1)")
+        return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,17 @@ def load_tokenizer(config: ModelConfig) -> Any:
         # Padding positions are masked out of attention and loss, so reusing EOS as pad changes nothing learned.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def probe_autocast(model: Any) -> contextlib.AbstractContextManager[Any]:
+    """What a probe forward of ``model`` runs under to compute as training does: autocast to its bf16/fp16 when
+    trained fp32 weights sit beside frozen low-precision ones (freeze and hybrid keep trained weights in fp32, and the
+    Trainer's forward runs under autocast); nothing for a model in one dtype."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    low = sorted(dtypes & {torch.bfloat16, torch.float16}, key=str)
+    if not low or dtypes <= {low[0]}:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=low[0])
 
 
 def weight_dtype(name: str) -> torch.dtype:

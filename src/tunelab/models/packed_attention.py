@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.models.lean_activations import remember
+from tunelab.models.load import probe_autocast
 
 VARLEN_SDPA = "tunelab_varlen_sdpa"
 # Implementations that isolate samples of a flat row by themselves (varlen kernels reading cu_seq_lens).
@@ -317,12 +318,14 @@ def probe_isolation(model: Any, reference_attention: str) -> str:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             return model(**batch, use_cache=False).logits[0, len(head):].float()
 
-        packed, changed = tail_logits(first), tail_logits(other)
+        with probe_autocast(model):
+            packed, changed = tail_logits(first), tail_logits(other)
         current = inner.config._attn_implementation
         if current != reference_attention:
             inner.set_attn_implementation(reference_attention)
         try:
-            alone = model(input_ids=torch.tensor([second], device=device), use_cache=False).logits[0].float()
+            with probe_autocast(model):
+                alone = model(input_ids=torch.tensor([second], device=device), use_cache=False).logits[0].float()
         finally:
             if current != reference_attention:
                 inner.set_attn_implementation(current)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.models.load import probe_autocast
 
 # Logit elements per chunk: 2**25 fp32 values (128 MiB; about 220 rows of a 152k vocabulary).
 CHUNK_LOGITS = 2**25
@@ -69,8 +70,9 @@ def lean_loss_unsupported(model: Any) -> str:
         device = next(model.parameters()).device
         ids = torch.randint(0, inner.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
         ids = ids.to(device)
-        expected = model(input_ids=ids, use_cache=False).logits.float()
-        got = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
+        with probe_autocast(model):
+            expected = model(input_ids=ids, use_cache=False).logits.float()
+            got = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
     except Exception as exc:  # an exotic forward: keep the model's own loss and say why
         return f"the decoder body and head could not be run apart: {type(exc).__name__}: {exc}"
     finally:

@@ -40,6 +40,7 @@ from tunelab.models.load import (
 )
 from tunelab.models.methods import (
     apply_method,
+    check_adapter_targets,
     check_method,
     count_parameters,
     keep_trainable_fp32,
@@ -121,6 +122,7 @@ def run_training(
     config = config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})})
     model = load_model(config.model, quantization=method_quantization(config.method, weight_dtype(config.model.dtype)))
     model = match_vocabulary(model, tokenizer, seed=config.train.seed)
+    check_adapter_targets(model, config.method)
     if config.train.liger_kernel:
         console.print(apply_liger_kernels(model))
     model = apply_method(model, config.method, new_token_ids)

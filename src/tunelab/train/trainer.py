@@ -26,6 +26,7 @@ from tunelab.train.master_weights import (
     tensor_to_check,
 )
 from tunelab.train.meter import FedBatches
+from tunelab.train.prompt_encoder_state import load_prompt_encoder, save_prompt_encoder
 
 LossFn = Callable[[Any, dict[str, Any], Any], torch.Tensor]
 # Where every process holds the whole model, so the trainable parameters are plain tensors of it (not FSDP's flat
@@ -189,6 +190,8 @@ class TunelabTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self._masters is not None and self.args.should_save:
             self._masters.save(output_dir)
+        if self.args.should_save:
+            save_prompt_encoder(self.model, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -197,6 +200,7 @@ class TunelabTrainer(Trainer):
         # refused: its fp32 values would be rounded to bf16 on loading, losing every update below bf16's resolution.
         if checkpoint is None:
             return
+        load_prompt_encoder(self.model, checkpoint)  # after the Trainer loaded the adapter file, which lacks it
         if self._masters is not None and not self._masters.load(checkpoint):
             raise RunError(f"{checkpoint} has no {MASTER_FILE}: it was not written with train.master_weights="
                            "optimizer; resume it with the setting it was trained with")

@@ -53,6 +53,33 @@ def check_method(config: TunelabConfig) -> None:
         raise ConfigError(PREFIX_RECOMPUTE)
 
 
+def check_adapter_targets(model: Any, config: MethodConfig) -> None:
+    """Adapter ``target_modules`` and ``modules_to_save`` that match no module of the loaded model, as a
+    ``ConfigError`` before training starts. peft would raise its own error at ``get_peft_model`` (a traceback), and
+    under hybrid only at the switch to LoRA, after the whole full fine-tuning phase."""
+    from peft import IA3Config, LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if config.name in ("lora", "dora", "qlora", "hybrid"):
+        field, targets, to_save = "method.lora", config.lora.target_modules, list(config.lora.modules_to_save)
+        matcher: Any = LoraConfig(target_modules=targets) if targets != "all-linear" else None
+    elif config.name == "ia3" and config.ia3.target_modules is not None:
+        field, targets, to_save = "method.ia3", config.ia3.target_modules, []
+        matcher = IA3Config(target_modules=targets, feedforward_modules=[])
+    else:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    if matcher is not None and not any(check_target_module_exists(matcher, name) for name in names):
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if "Linear" in type(module).__name__})
+        raise ConfigError(f"{field}.target_modules: {targets!r} matches no module of this model; its linear layers "
+                          f"are named {', '.join(linear)}" + (" (or use all-linear)" if field == "method.lora" else ""))
+    for wanted in to_save:
+        if not any(name == wanted or name.endswith(f".{wanted}") for name in names):
+            raise ConfigError(f"{field}.modules_to_save: {wanted!r} is not a module of this model (e.g. lm_head, "
+                              "embed_tokens)")
+
+
 PREFIX_RECOMPUTE = (
     "train.gradient_checkpointing: method prefix hands its virtual keys and values to every layer as a KV cache, "
     "which a layer's recompute in the backward pass would extend a second time; use ptuning or prompt_tuning "
