@@ -217,4 +217,7 @@ def test_sampling_is_stated_with_or_without_replacement():
     samples, rng = sample_sources([30, 20], [1.0, 2.0], seed=0)
     assert rng is not None and samples[1].describe() == \
         "with replacement (records repeat): every record 1x, plus 13 of 20 drawn without replacement"
-    assert sample_sources([3, 4], [2.0, 2.0], seed=0)[1] is None  # equal weights: no sampling, no shuffle
+    assert sample_sources([3, 4], [1.0, 1.0], seed=0)[1] is None  # every weight 1: concatenated, no shuffle
+    # equal weights other than 1 are equal shares (they used to mean "concatenate", unlike 1 and 1.01)
+    assert [s.count for s in sample_sources([100, 10], [2.0, 2.0], seed=0)[0]] == [55, 55]
+    assert [s.count for s in sample_sources([100, 10], [1.0, 1.01], seed=0)[0]] == [55, 55]

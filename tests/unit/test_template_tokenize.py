@@ -205,3 +205,32 @@ def test_a_shortened_chinese_question_never_ends_in_a_broken_character(tokenizer
     shortened = [tokenize_record(record, template, tokenizer, cutoff) for cutoff in range(30, 60)]
     assert any(e.truncation == "prompt" for e in shortened)
     assert all("\ufffd" not in tokenizer.decode(e.input_ids) for e in shortened)
+
+
+@pytest.mark.parametrize("name", [None, "chatml", "alpaca"])
+def test_dropping_old_exchanges_keeps_as_many_as_fit(tokenizer, name):
+    # The fewest oldest exchanges are dropped (found by bisection): the same as dropping one at a time until the
+    # rest fits, which was cubic in the number of turns.
+    import random
+
+    from tunelab.data.tokenize import _encode
+
+    template = build_template(name, tokenizer)
+    rng = random.Random(0)
+    for _ in range(12):
+        turns = []
+        for i in range(rng.randint(2, 9)):
+            turns += [Turn("user", f"问题{i} " + "这款运动鞋还有货吗？" * rng.randint(1, 4)),
+                      Turn("assistant", f"回答{i} " + "好的" * rng.randint(1, 6))]
+        record = Record(turns=tuple(turns), system="你是客服。")
+        full = len(_encode(record.system, turns, template, tokenizer, "all_turns").input_ids)
+        cutoff = rng.randint(full // 4, full)
+        expected = list(turns)  # the one-at-a-time reference
+        while (len(_encode(record.system, expected, template, tokenizer, "all_turns").input_ids) > cutoff
+               and sum(t.role == "user" for t in expected) > 1):
+            expected = expected[[i for i, t in enumerate(expected) if t.role == "user"][1]:]
+        got = tokenize_record(record, template, tokenizer, cutoff)
+        reference = _encode(record.system, expected, template, tokenizer, "all_turns")
+        if len(reference.input_ids) <= cutoff:  # fits after dropping: the same tokens
+            assert got.input_ids == reference.input_ids
+            assert got.truncation == ("history" if expected != turns else "none")

@@ -39,7 +39,9 @@ class DatasetSpec(Section):
     format: DatasetFormat = "auto"
     """How records are laid out; ``auto`` detects it from the first record's keys."""
     weight: float = Field(1.0, gt=0)
-    """Relative share of this dataset in the training mix."""
+    """Relative share of this dataset in the training mix: each source is sampled to ``weight / sum of weights`` of
+    the sources' combined training size. When every weight is 1 (the default) the sources are simply concatenated,
+    each record once; equal weights other than 1 (e.g. 2 and 2) give equal shares."""
 
 
 class CustomTemplate(Section):

@@ -90,11 +90,12 @@ def sample_sources(sizes: Sequence[int], weights: Sequence[float], seed: int) ->
                                                                                        random.Random | None]:
     """Each source's sample for a mix at its weight's share of the combined size, and the generator to shuffle with.
 
-    Equal weights keep every item once and need no shuffle (``None``). Otherwise a source is subsampled without
+    Weights all 1 (the default) keep every item once and need no shuffle (``None``): the sources are concatenated.
+    Any other weights, equal ones too (2 and 2 mean half each), are shares: a source is subsampled without
     replacement when its target is smaller than it, and repeated whole (plus a sample without replacement for the
     rest) when larger. Positions only: a streaming reader that has counted the items samples as training does.
     """
-    if len(set(weights)) <= 1:
+    if all(weight == 1 for weight in weights):
         return [SourceSample(n, 1, []) for n in sizes], None
     total = sum(sizes)
     rng = random.Random(seed)
