@@ -278,7 +278,7 @@ def test_judge_scores_each_column_counts_the_rest_and_is_not_asked_twice(
 def test_an_interrupted_eval_generates_only_the_missing_samples(tiny_model, test_file, tmp_path, monkeypatch):
     records = run_eval.read_test_records(str(test_file))
     out = tmp_path / "resumed"
-    out.mkdir()
+    assert main(eval_args(tiny_model, test_file, out)) == 0  # a first run: the same model and settings
     kept = [{"index": i, "source": records[i].source, "prompt": records[i].prompt_turns[-1].content,
              "reference": records[i].answer, "prediction": f"kept-{i}"} for i in range(2)]
     cut_line = json.dumps({"index": 2, "source": records[2].source, "prompt": "x"})[:30]  # died mid-write
@@ -299,3 +299,36 @@ def test_an_interrupted_eval_generates_only_the_missing_samples(tiny_model, test
     assert [r["prediction"] for r in rows[:2]] == ["kept-0", "kept-1"]
     assert all(not r["prediction"].startswith("kept-") and "scores" in r for r in rows[2:])
     assert read_metrics(out)["n"] == 6
+
+
+def test_a_resumed_eval_never_keeps_predictions_of_another_model_or_other_data(tiny_model, adapters, test_file,
+                                                                                tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(eval_args(tiny_model, test_file, out)) == 0
+    base = read_rows(out)
+    (out / "predictions.jsonl").write_text(
+        "".join(json.dumps({**r, "prediction": "stale"}) + "\n" for r in base), "utf-8")
+    capsys.readouterr()
+    # another model into the same folder (or a run that trained on after its first evaluation): starts over
+    assert main(eval_args(tiny_model, test_file, out, "--adapter", str(adapters["fast"]))) == 0
+    assert "made by another model or settings than this evaluation's; starting over" in capsys.readouterr().err
+    assert all(r["prediction"] != "stale" for r in read_rows(out))
+    assert read_metrics(out)["adapter"] == str(adapters["fast"])
+    # the same test file path and line count, other questions: refused, not scored against the old references
+    rows = [json.loads(line) for line in test_file.read_text("utf-8").splitlines()]
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps({**r, "instruction": r["instruction"] + "？"}, ensure_ascii=False) + "\n"
+                               for r in rows), "utf-8")
+    moved = tmp_path / "moved"
+    assert main(eval_args(tiny_model, test_file, moved)) == 0
+    (moved / "predictions.jsonl").write_text((moved / "predictions.jsonl").read_text("utf-8").replace(
+        str(test_file), str(changed)), "utf-8")
+    assert main(eval_args(tiny_model, changed, moved)) == 1
+    assert "holds predictions for other test data (line 1" in capsys.readouterr().err
+
+
+def test_answer_kind_json_with_a_reference_that_is_not_json_stops_before_generating(tiny_model, test_file, tmp_path,
+                                                                                     capsys):
+    assert main(eval_args(tiny_model, test_file, tmp_path / "eval", "--answer-kind", "json")) == 1
+    assert f"{test_file}:1: reference: --answer-kind json: not a JSON object or array" in capsys.readouterr().err
+    assert not (tmp_path / "eval" / "predictions.jsonl").exists()

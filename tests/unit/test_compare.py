@@ -398,6 +398,15 @@ def test_bad_inputs_name_the_problem(evals: list[Path], tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"index: sample 1 has index 1 but .* has 0"):
         compare_evals([evals[0], swapped], tmp_path / "x")
 
+    other_set = tmp_path / "other"  # same count and order, other questions: not comparable
+    write_eval(other_set, "other", BASE)
+    rows = [json.loads(line) for line in lines]
+    rows[2]["reference"] = "另一个答案"
+    (other_set / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                 encoding="utf-8")
+    with pytest.raises(DataError, match=r"reference: sample 3 has reference '另一个答案' but .* has"):
+        compare_evals([evals[0], other_set], tmp_path / "x")
+
     broken = tmp_path / "broken"
     write_eval(broken, "broken", BASE)
     (broken / "predictions.jsonl").write_text(lines[0] + "\n{not json\n", encoding="utf-8")

@@ -153,13 +153,16 @@ def _check_aligned(runs: Sequence[EvalRun]) -> None:
                 "compare evaluations of the same test set",
             )
         for position, (a, b) in enumerate(zip(first.predictions, run.predictions, strict=True)):
-            if a["index"] != b["index"]:
-                raise DataError(
-                    where,
-                    "index",
-                    f"sample {position + 1} has index {b['index']} but {first.path} has "
-                    f"{a['index']}: compare evaluations of the same test set, in the same order",
-                )
+            # the question and reference too: the same count and order of another test set would pair unrelated
+            # samples (a few-shot column keeps the question; its examples are earlier turns)
+            for field in ("index", "source", "prompt", "reference"):
+                if a.get(field) != b.get(field):
+                    raise DataError(
+                        where,
+                        field,
+                        f"sample {position + 1} has {field} {b.get(field)!r} but {first.path} has "
+                        f"{a.get(field)!r}: compare evaluations of the same test set, in the same order",
+                    )
 
 
 def _unique_labels(runs: Sequence[EvalRun]) -> list[str]:

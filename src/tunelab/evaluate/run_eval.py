@@ -62,8 +62,12 @@ def evaluate_model(
     ``embedder`` adds ``embedding_cosine`` to text answers; ``judge`` adds ``scores["judge"]`` (0-1) to each sample
     the judge scored and a ``judge`` block (its summary) to the metrics.
     """
+    scoring = scoring or ScoringOptions()
+    if scoring.kind == "json":
+        _check_json_references(records)  # before generating: scoring would fail only after it
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / "predictions.jsonl"
+    _start_over_unless_same(out_dir, pred_path, evaluation_identity(loaded, settings))
     rows = _read_done(pred_path, records)
     if len(rows) < len(records):
         with pred_path.open("a", encoding="utf-8") as handle:
@@ -79,7 +83,6 @@ def evaluate_model(
     preds = [row["prediction"] for row in rows]
     if label_set is None:
         label_set = infer_label_set(refs)
-    scoring = scoring or ScoringOptions()
     samples = score_samples(preds, refs, label_set=label_set, embedder=embedder, kind=scoring.kind,
                             whitespace=scoring.whitespace, case=scoring.case, width=scoring.width)
     if judge is not None:
@@ -185,6 +188,45 @@ def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
 
 
+def _check_json_references(records: Sequence[Record]) -> None:
+    from tunelab.evaluate.metrics.structured import parse_json_answer
+
+    for record in records:
+        if parse_json_answer(record.answer or "", lenient=False) is None:
+            raise DataError(record.source, "reference", f"--answer-kind json: not a JSON object or array: "
+                            f"{(record.answer or '')[:80]!r}; use --answer-kind auto to score such answers as text")
+
+
+IDENTITY_FILE = "evaluation.json"
+
+
+def evaluation_identity(loaded: LoadedModel, settings: GenerationSettings) -> dict[str, Any]:
+    """What the predictions of an eval folder were made with: model and adapter (with their weight files' sizes and
+    times, so a retrained adapter in the same folder counts as another model), template and generation settings."""
+    return {"model": loaded.model_path, "adapter": loaded.adapter_path, "template": loaded.template.name,
+            "weights": [_weight_files(p) for p in (loaded.model_path, loaded.adapter_path) if p],
+            "generation": settings.describe()}
+
+
+def _weight_files(path: str) -> list[list[Any]]:
+    folder = Path(path)
+    if not folder.is_dir():
+        return []  # a hub id: its name is all there is to compare
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.glob("*.safetensors"))]
+
+
+def _start_over_unless_same(out_dir: Path, pred_path: Path, identity: dict[str, Any]) -> None:
+    """A resumed evaluation continues only predictions made by the same model and settings; others are discarded
+    (an eval folder reused for another model, or after-training predictions of a run that has since trained on)."""
+    marker = out_dir / IDENTITY_FILE
+    before = json.loads(marker.read_text("utf-8")) if marker.is_file() else None
+    if pred_path.is_file() and before != identity:
+        Console(stderr=True).print(f"{pred_path}: made by another model or settings than this evaluation's; "
+                                   "starting over")
+        pred_path.unlink()
+    marker.write_text(json.dumps(identity, ensure_ascii=False, indent=2), "utf-8")
+
+
 def _read_done(path: Path, records: Sequence[Record]) -> list[dict[str, Any]]:
     """Predictions already written for the same records in the same order (a resumed evaluation)."""
     if not path.is_file():
@@ -196,8 +238,12 @@ def _read_done(path: Path, records: Sequence[Record]) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break  # a line cut off by the interruption: regenerate from here
         index = len(rows)
-        if index >= len(records) or row.get("source") != records[index].source:
-            raise DataError(str(path), None, "holds predictions for other test data; remove it or use another -o")
+        if index >= len(records):
+            break  # a rerun with fewer samples (--max-samples): the first ones still stand
+        expected = _row(index, records[index], "")
+        if any(row.get(field) != expected[field] for field in ("source", "prompt", "reference")):
+            raise DataError(str(path), None, f"holds predictions for other test data (line {index + 1}: "
+                            f"{row.get('source')}); remove it or use another -o")
         kept = {k: row[k] for k in ROW_FIELDS}
         if "judge" in row:
             kept["judge"] = row["judge"]
