@@ -212,7 +212,8 @@ def _weight_files(path: str) -> list[list[Any]]:
     folder = Path(path)
     if not folder.is_dir():
         return []  # a hub id: its name is all there is to compare
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.glob("*.safetensors"))]
+    stats = [(f.name, f.stat()) for f in sorted(folder.glob("*.safetensors"))]
+    return [[name, stat.st_size, stat.st_mtime_ns] for name, stat in stats]
 
 
 def _start_over_unless_same(out_dir: Path, pred_path: Path, identity: dict[str, Any]) -> None:

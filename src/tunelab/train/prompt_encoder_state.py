@@ -22,7 +22,7 @@ PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
 def prompt_encoder_tensors(model: Any) -> dict[str, torch.Tensor]:
     """The trainable tensors of the model's prompt encoders (empty for any other model)."""
     return {name: param for name, param in model.named_parameters()
-            if param.requires_grad and f".{name}".find(".prompt_encoder.") >= 0}
+            if param.requires_grad and ".prompt_encoder." in f".{name}"}
 
 
 def save_prompt_encoder(model: Any, folder: str | Path) -> None:
@@ -34,15 +34,15 @@ def save_prompt_encoder(model: Any, folder: str | Path) -> None:
                   str(Path(folder) / PROMPT_ENCODER_FILE))
 
 
-def load_prompt_encoder(model: Any, folder: str | Path) -> bool:
-    """Copy a checkpoint's encoder tensors into ``model``; False when the checkpoint has none (written before this
-    file existed, or not a prompt-learning run)."""
+def load_prompt_encoder(model: Any, folder: str | Path) -> None:
+    """Copy a checkpoint's encoder tensors into ``model``; nothing when it has none (not a prompt-learning run, or
+    written before this file existed)."""
     from safetensors.torch import load_file
 
     path = Path(folder) / PROMPT_ENCODER_FILE
     tensors = prompt_encoder_tensors(model)
     if not tensors or not path.is_file():
-        return False
+        return
     saved = load_file(str(path))
     if set(saved) != set(tensors):
         raise RunError(f"{path}: its tensors {sorted(saved)[:3]} do not match this run's prompt encoder "
@@ -50,4 +50,3 @@ def load_prompt_encoder(model: Any, folder: str | Path) -> bool:
     with torch.no_grad():
         for name, param in tensors.items():
             param.copy_(saved[name].to(param.device, param.dtype))
-    return True

@@ -81,8 +81,9 @@ def _encoding_of(handle: Any, name: str) -> tuple[str, int]:
         return "utf-8", bom
     handle.seek(bom)
     bad, non_ascii = _utf8_damage(handle)
+    damaged_utf8 = bad <= _DAMAGED_UTF8_SHARE * non_ascii
     handle.seek(bom)
-    if bad > _DAMAGED_UTF8_SHARE * non_ascii:
+    if not damaged_utf8:
         # Chinese datasets saved on Windows are often GBK (code page 936); decoding strictly means a file in any
         # other legacy encoding still fails here instead of turning into mojibake in most cases.
         if _first_decode_error(handle, "gbk") is None:
@@ -90,7 +91,7 @@ def _encoding_of(handle: Any, name: str) -> tuple[str, int]:
         handle.seek(bom)
     offset, byte = utf8_error
     line = _line_at(handle, offset)
-    if bad <= _DAMAGED_UTF8_SHARE * non_ascii:
+    if damaged_utf8:
         raise DataError(f"{name}:{line}", None, f"not valid UTF-8: byte 0x{byte:02x} at offset {bom + offset} "
                         f"({bad} undecodable byte{'s' * (bad != 1)} in a file that is otherwise UTF-8); fix or remove "
                         f"{'them' if bad != 1 else 'it'}")
@@ -106,11 +107,12 @@ def _utf8_damage(handle: Any) -> tuple[int, int]:
     """(bytes that are not UTF-8, non-ASCII bytes) from the current position to the end."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")  # a bad byte -> one lone surrogate
     bad = non_ascii = 0
-    while chunk := handle.read(_SCAN_BYTES):
+    while True:
+        chunk = handle.read(_SCAN_BYTES)
         non_ascii += len(chunk.translate(None, _ASCII))
-        bad += sum(1 for char in decoder.decode(chunk) if "\udc80" <= char <= "\udcff")
-    bad += sum(1 for char in decoder.decode(b"", final=True) if "\udc80" <= char <= "\udcff")
-    return bad, non_ascii
+        bad += sum(1 for char in decoder.decode(chunk, final=not chunk) if "\udc80" <= char <= "\udcff")
+        if not chunk:
+            return bad, non_ascii
 
 
 def _line_at(handle: Any, offset: int) -> int:
